@@ -1,0 +1,21 @@
+"""condiff: conditional control of diffusion models.
+
+Classifier guidance, similarity guidance and classifier-free guidance (Su Jianlin,
+"Generative diffusion models (9)"), on DDPM and DDIM samplers.  See
+``condiff.samplers``, ``condiff.guidance``, ``condiff.schedule``.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import CondiffError, NonFiniteError  # noqa: E402
+from .schedule import Schedule, cosine_schedule, linear_schedule, respace  # noqa: E402
+from .samplers import sample, sample_ddim, sample_ddpm  # noqa: E402
+from .guidance import (  # noqa: E402
+    ClassifierFree, ClassifierTerm, GradientTerm, MeanShift, NullBranch, ScoreGuided, SimilarityTerm,
+)
+
+__all__ = [
+    "CondiffError", "NonFiniteError", "Schedule", "cosine_schedule", "linear_schedule", "respace", "sample",
+    "sample_ddim", "sample_ddpm", "ClassifierFree", "ClassifierTerm", "GradientTerm", "MeanShift", "NullBranch",
+    "ScoreGuided", "SimilarityTerm",
+]

@@ -1,0 +1,334 @@
+"""``condiff`` command line: a thin layer over the library.
+
+Every command parses its arguments, calls library functions, and reports bad
+input as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from .errors import CondiffError
+
+EPILOG = "Article: Su Jianlin, 'Generative diffusion models (9): conditional control of generation'."
+
+
+# ----------------------------------------------------------------------------- helpers
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def _interval(text: str) -> tuple[int, int]:
+    parts = str(text).split(",")
+    try:
+        lo, hi = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI timesteps, got {text!r}") from None
+    if lo < 0 or hi < lo:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present; default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _add_train_common(p: argparse.ArgumentParser, steps: int, lr: float, channels: str, blocks: int) -> None:
+    p.add_argument("--data", default=None,
+                   help="Fashion-MNIST folder of IDX files, a folder of class subfolders, or an .npz "
+                        "(default: /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, samples/")
+    p.add_argument("--steps", type=_pos_int, default=steps, help=f"optimizer steps (default {steps})")
+    p.add_argument("--batch-size", type=_pos_int, default=128, help="batch size (default 128)")
+    p.add_argument("--lr", type=_nonneg_float, default=lr, help=f"peak AdamW learning rate (default {lr})")
+    p.add_argument("--warmup", type=_pos_int, default=100, help="linear warm-up steps (default 100)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--ema-decay", type=_nonneg_float, default=0.999, help="EMA decay (default 0.999)")
+    p.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="gradient-norm clip, 0 = off (default 1)")
+    p.add_argument("--channels", type=_int_list, default=_int_list(channels),
+                   help=f"widths per resolution level (default {channels})")
+    p.add_argument("--blocks", type=_pos_int, default=blocks, help=f"residual blocks per level (default {blocks})")
+    p.add_argument("--stem", type=_pos_int, default=2, help="pixel-unshuffle factor of the input stem (default 2)")
+    p.add_argument("--image-size", type=_pos_int, default=None,
+                   help="image folders are resized to this size (default 28); other data must already have it")
+    p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule (default cosine)")
+    p.add_argument("--T", type=_pos_int, default=1000, help="number of diffusion steps T (default 1000)")
+    p.add_argument("--ckpt-every", type=_pos_int, default=250, help="checkpoint every N steps (default 250)")
+    p.add_argument("--keep", type=_pos_int, default=3, help="keep the last K checkpoints (default 3)")
+    p.add_argument("--log-every", type=_pos_int, default=25, help="log metrics every N steps (default 25)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    p.add_argument("--limit", type=_pos_int, default=None, help="use only the first N training images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+
+
+def _train_config(args, **over):
+    from .training import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                       weight_decay=args.weight_decay, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
+                       seed=args.seed, ckpt_every=args.ckpt_every, keep=args.keep, log_every=args.log_every,
+                       **over)
+
+
+def _load_data(args, split="train"):
+    from .data import load_dataset
+
+    data = load_dataset(args.data, split, size=args.image_size or 28)
+    if args.image_size and data.shape[1:] != (args.image_size, args.image_size):
+        raise CondiffError(f"the data's images are {data.shape[1]}x{data.shape[2]}, not --image-size {args.image_size}")
+    if args.limit:
+        data = type(data)(data.images[:args.limit], data.labels[:args.limit], data.class_names)
+    return data
+
+
+# ----------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from .images import save_grid
+    from .nets import UNet
+    from .pipeline import generate, resolve_device
+    from .schedule import make_schedule
+    from .training import DiffusionTask, train
+
+    device = resolve_device(args.device)
+    data = _load_data(args)
+    C, H, W = data.shape
+    if H != W:
+        raise CondiffError(f"images must be square, got {H}x{W}")
+    schedule = make_schedule(args.schedule, args.T)
+    num_classes = data.num_classes if args.cond == "class" else None
+    model = UNet(in_channels=C, image_size=H, channels=args.channels, blocks=args.blocks, stem=args.stem,
+                 num_classes=num_classes).to(device)
+    names = data.class_names or [str(i) for i in range(data.num_classes)]
+    meta = {"schedule": schedule.config(), "class_names": names, "image_shape": [C, H, W]}
+    out = Path(args.out)
+
+    def on_sample(ema, step):
+        k = min(num_classes or 8, 10)
+        cond = __import__("torch").arange(k).repeat_interleave(8) if num_classes else None
+        x = generate(ema, schedule, 8 * k, shape=(C, H, W), cond=cond, steps=25, seed=0, device=device)
+        save_grid(x, out / "samples" / f"step-{step:07d}.png", nrow=8)
+
+    print(f"condiff train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(data)} images {C}x{H}x{W}, device {device}", file=sys.stderr)
+    final = train(model, DiffusionTask(schedule, args.p_uncond if num_classes else 0.0), data,
+                  _train_config(args, sample_every=args.sample_every), out, meta=meta, device=device,
+                  resume=not args.no_resume, progress=not args.no_progress, callback=on_sample)
+    print(f"final checkpoint: {final}")
+    return 0
+
+
+def cmd_train_classifier(args) -> int:
+    from .nets import EncoderNet
+    from .pipeline import resolve_device
+    from .schedule import make_schedule
+    from .training import ClassifierTask, classifier_accuracy_by_t, train
+
+    device = resolve_device(args.device)
+    data = _load_data(args)
+    C, H, W = data.shape
+    schedule = make_schedule(args.schedule, args.T)
+    model = EncoderNet(in_channels=C, image_size=H, channels=args.channels, blocks=args.blocks, stem=args.stem,
+                       out_dim=data.num_classes).to(device)
+    names = data.class_names or [str(i) for i in range(data.num_classes)]
+    meta = {"schedule": schedule.config(), "class_names": names, "image_shape": [C, H, W]}
+    final = train(model, ClassifierTask(schedule, args.t_max), data, _train_config(args), args.out, meta=meta,
+                  device=device, resume=not args.no_resume, progress=not args.no_progress)
+    try:
+        held_out = _load_data(args, "test") if args.data is None or Path(args.data).is_dir() and \
+            any(Path(args.data).glob("t10k-*")) else data
+    except CondiffError:
+        held_out = data
+    from .checkpoints import load_model
+
+    clf, _ = load_model(final, device)
+    acc = classifier_accuracy_by_t(clf, schedule, held_out, n=1000, device=device)
+    print("held-out accuracy by t-range: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    print(f"final checkpoint: {final}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sample
+def cmd_sample(args) -> int:
+    import torch
+
+    from .data import resolve_class
+    from .guidance import ClassifierTerm
+    from .images import save_grid, save_npz
+    from .pipeline import generate, guided_model, load_classifier, load_diffusion, resolve_device
+    from .schedule import respace
+
+    device = resolve_device(args.device)
+    if args.cfg_w is not None and args.cfg_scale is not None:
+        raise CondiffError("give --cfg-w (the article's w) or --cfg-scale (s = 1 + w), not both")
+    cfg_w = args.cfg_w if args.cfg_scale is None else args.cfg_scale - 1
+    if cfg_w is not None and cfg_w < 0:
+        raise CondiffError(f"--cfg-scale must be >= 1 (s = 1 + w), got {args.cfg_scale}")
+    model, schedule, config = load_diffusion(args.ckpt, device, args.trust_pickle)
+    respace(schedule, args.steps)  # validate steps against T before any work
+    names = config.get("class_names", [])
+    shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
+    classes = [resolve_class(c, names, len(names) or None) for c in args.classes] if args.classes else []
+    conditional = getattr(model, "conditional", False)
+    terms = []
+    if args.classifier:
+        if not classes:
+            raise CondiffError("--classifier needs --class")
+        clf, _ = load_classifier(args.classifier, device, args.trust_pickle)
+    if not classes and cfg_w is not None:
+        raise CondiffError("classifier-free guidance needs --class")
+    if classes and not conditional and not args.classifier:
+        raise CondiffError("this model is unconditional: pass --classifier CKPT to guide it to a class")
+    rows = classes or [None]
+    y = torch.tensor([c for c in rows for _ in range(args.n)]) if classes else None
+    if args.classifier:
+        terms.append(ClassifierTerm(clf, y, args.scale, sharpen=args.sharpen))
+    use_model_cond = conditional and not args.unconditional and (cfg_w is not None or (classes and not args.classifier))
+    eps, shift = guided_model(model, schedule, cfg_w=(cfg_w if cfg_w is not None else (0.0 if use_model_cond else None)),
+                              cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale,
+                              unconditional=conditional and not use_model_cond,
+                              terms=terms, form=args.form, grad_at=args.grad_at)
+    if terms and args.batch_size < len(y):
+        # per-sample classifier targets must follow the batches
+        raise CondiffError(f"--batch-size must be >= the number of guided samples ({len(y)})")
+    x = generate(eps, schedule, len(rows) * args.n, shape=shape, cond=y if use_model_cond else None,
+                 sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance, mean_shift=shift,
+                 seed=args.seed, batch_size=args.batch_size, device=device, clip_x0=args.clip_x0,
+                 progress=not args.no_progress)
+    out = save_grid(x, args.out, nrow=args.n)
+    print(f"wrote {out}")
+    if args.npz:
+        print(f"wrote {save_npz(args.npz, x, y if y is not None else None)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="condiff", epilog=EPILOG,
+        description="Control what a diffusion model generates: classifier guidance, similarity guidance "
+                    "and classifier-free guidance, on DDPM and DDIM samplers.")
+    parser.add_argument("--version", action="version", version=f"condiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train an eps-model (eq 22), optionally class-conditional with a null class",
+                       description="Train an eps-prediction UNet with the loss of eq 22. With --cond class the "
+                                   "class is dropped to the learned null phi with probability --p-uncond, so "
+                                   "the model serves classifier-free guidance (eq 24) and, through its null "
+                                   "branch, classifier and similarity guidance. Resumes from --out.",
+                       epilog=EPILOG)
+    _add_train_common(p, steps=2000, lr=1e-3, channels="64,96", blocks=1)
+    p.add_argument("--cond", choices=["class", "none"], default="class",
+                   help="class-conditional with a null class (default), or unconditional")
+    p.add_argument("--p-uncond", type=_nonneg_float, default=0.1,
+                   help="probability of dropping the class to the null phi (default 0.1)")
+    p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0 = never)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-classifier", help="train a noise-aware classifier p(y|x_t) for classifier guidance",
+                       description="Train a time-conditioned classifier on noisy inputs x_t = abar_t x_0 + "
+                                   "bbar_t eps, t uniform in [0, --t-max). Its log reports accuracy in clean, "
+                                   "mid and noisy t-ranges.", epilog=EPILOG)
+    _add_train_common(p, steps=1000, lr=1e-3, channels="32,64", blocks=1)
+    p.add_argument("--t-max", type=_pos_int, default=None, help="train only on t < T_MAX (default T)")
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("sample", help="sample a grid, unguided or guided (classifier, classifier-free)",
+                       description="Sample images from an eps-model checkpoint. Classifier guidance: "
+                                   "--classifier CKPT --class NAME --scale GAMMA (eqs 6-8, 19). Classifier-free "
+                                   "guidance: --class NAME --cfg-w W (eq 24; diffusers' guidance_scale is "
+                                   "s = 1 + w, use --cfg-scale S for that convention). Both combine.",
+                       epilog=EPILOG)
+    p.add_argument("--ckpt", required=True, help="eps-model checkpoint folder or run folder")
+    p.add_argument("--class", dest="classes", action="append", default=[],
+                   help="class name (case-insensitive) or index; repeat for one grid row per class")
+    p.add_argument("--n", type=_pos_int, default=8, help="samples per class (per grid row; default 8)")
+    p.add_argument("--classifier", default=None, help="noise-aware classifier checkpoint for classifier guidance")
+    p.add_argument("--scale", type=_nonneg_float, default=1.0, help="classifier guidance scale gamma (default 1)")
+    p.add_argument("--form", choices=["score", "mean"], default="score",
+                   help="apply gradients as eps - bbar_t*grad (score, eq 19, any sampler; default) "
+                        "or as a mean shift mu + sigma_t^2*grad (mean, eq 6, ancestral samplers)")
+    p.add_argument("--grad-at", choices=["x_t", "mu"], default="x_t",
+                   help="mean form: gradient at x_t (eq 6, default) or at mu(x_t) (eq 7)")
+    p.add_argument("--sharpen", action="store_true",
+                   help="use the sharpened classifier softmax(gamma*logits) of eqs 9-10 instead of gamma*grad")
+    p.add_argument("--cfg-w", type=_nonneg_float, default=None,
+                   help="classifier-free weight w of eq 24: (1+w) eps(x,y) - w eps(x,phi); 0 = plain conditional")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="the same in diffusers' convention: guidance_scale s = 1 + w (s >= 1)")
+    p.add_argument("--cfg-interval", type=_interval, default=None,
+                   help="apply CFG only for timesteps LO<=t<=HI (Kynkaanniemi et al. 2024), e.g. 100,800")
+    p.add_argument("--cfg-rescale", type=_nonneg_float, default=0.0,
+                   help="guidance rescale factor phi in [0,1] (Lin et al. 2023; default 0 = off)")
+    p.add_argument("--unconditional", action="store_true",
+                   help="sample the null branch of a conditional model (the unconditional model)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
+    p.add_argument("--steps", type=_pos_int, default=50, help="sampling steps after respacing (default 50)")
+    p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta; 0 is deterministic (default 0)")
+    p.add_argument("--variance", choices=["ddpm", "ddpm-beta"], default="ddpm",
+                   help="DDPM reverse variance: posterior (ddpm) or beta_t^2 (ddpm-beta)")
+    p.add_argument("--clip-x0", type=_nonneg_float, default=None, help="clamp predicted x_0 to [-C, C]")
+    p.add_argument("--batch-size", type=_pos_int, default=256, help="images per batch (default 256)")
+    p.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+    p.add_argument("--npz", default=None, help="also save the samples (uint8) and labels to this .npz")
+    p.add_argument("--trust-pickle", action="store_true", help="allow pickle-based checkpoints (runs code!)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        import torch
+
+        torch.manual_seed(getattr(args, "seed", 0))
+        return args.func(args)
+    except CondiffError as e:
+        print(f"condiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"condiff {args.command}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"condiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

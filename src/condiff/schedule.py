@@ -1,0 +1,163 @@
+"""Noise schedules in the article's notation.
+
+The forward process (article, and DESIGN.md) is
+
+    x_t = abar_t x_0 + bbar_t eps,      abar_t^2 + bbar_t^2 = 1,
+
+one step at a time x_t = alpha_t x_{t-1} + beta_t eps_t with alpha_t^2 + beta_t^2 = 1.
+Against the DDPM paper and diffusers: ``abar_t = sqrt(alphas_cumprod[t])``,
+``bbar_t = sqrt(1 - alphas_cumprod[t])`` and ``beta_t^2 = betas[t]``.  The two
+functions :meth:`Schedule.from_alphas_cumprod` and :meth:`Schedule.alphas_cumprod`
+are the only place in condiff where that conversion happens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import CondiffError
+
+__all__ = ["Schedule", "linear_schedule", "cosine_schedule", "make_schedule", "respace"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """abar_t for t = 0..T-1 (float64, decreasing); everything else derives from it.
+
+    Index ``t`` is the 0-based timestep used by networks and samplers; the
+    "previous" step of t = 0 is the clean image, abar = 1, bbar = 0.
+    """
+
+    abar: torch.Tensor
+    name: str = "custom"
+    params: tuple = ()
+
+    def __post_init__(self):
+        abar = torch.as_tensor(self.abar, dtype=torch.float64).flatten()
+        if abar.numel() < 1 or not torch.isfinite(abar).all():
+            raise CondiffError("schedule: abar must be a non-empty finite vector")
+        if (abar <= 0).any() or (abar >= 1).any():
+            raise CondiffError("schedule: abar_t must lie strictly inside (0, 1)")
+        if (abar[1:] > abar[:-1]).any():
+            raise CondiffError("schedule: abar_t must be non-increasing in t")
+        object.__setattr__(self, "abar", abar)
+
+    @property
+    def T(self) -> int:
+        return self.abar.numel()
+
+    @property
+    def bbar(self) -> torch.Tensor:
+        """bbar_t = sqrt(1 - abar_t^2)."""
+        return (1.0 - self.abar**2).sqrt()
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """Per-step alpha_t = abar_t / abar_{t-1} (abar_{-1} = 1)."""
+        prev = torch.cat([self.abar.new_ones(1), self.abar[:-1]])
+        return self.abar / prev
+
+    @property
+    def beta(self) -> torch.Tensor:
+        """Per-step beta_t = sqrt(1 - alpha_t^2)."""
+        return (1.0 - self.alpha**2).clamp_min(0).sqrt()
+
+    # --- the one conversion point to and from diffusers' convention -------------
+    def alphas_cumprod(self) -> torch.Tensor:
+        """diffusers' ``alphas_cumprod`` = abar_t^2."""
+        return self.abar**2
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod, name: str = "custom") -> "Schedule":
+        """Build a schedule from diffusers' ``alphas_cumprod`` (abar_t = sqrt of it)."""
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        return cls(ac.sqrt(), name=name)
+
+    @classmethod
+    def from_betas(cls, betas, name: str = "custom", params: tuple = ()) -> "Schedule":
+        """Build from DDPM ``betas`` (= beta_t^2 in the article's notation)."""
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        return cls(torch.cumprod(1.0 - betas, 0).sqrt(), name=name, params=params)
+
+    def coefficients(self, t: int) -> tuple[float, float]:
+        """(abar_t, bbar_t) as Python floats; t = -1 is the clean image (1, 0)."""
+        if t < 0:
+            return 1.0, 0.0
+        a = float(self.abar[t])
+        return a, math.sqrt(max(1.0 - a * a, 0.0))
+
+    def gather(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """abar_t, bbar_t for a batch of timesteps, shaped to broadcast against ``like``."""
+        abar = self.abar.to(like.device)[t.to(like.device).long()].to(like.dtype)
+        bbar = (1.0 - abar.double() ** 2).sqrt().to(like.dtype)
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return abar.view(shape), bbar.view(shape)
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = abar_t x_0 + bbar_t eps (the forward marginal; eq 22's network input)."""
+        a, b = self.gather(t, x0)
+        return a * x0 + b * noise
+
+    def config(self) -> dict:
+        return {"name": self.name, "T": self.T, "params": list(self.params)}
+
+
+def linear_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+    """DDPM's linear schedule: betas (= beta_t^2) evenly spaced from beta_start to beta_end."""
+    _check_T(T)
+    betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    return Schedule.from_betas(betas, name="linear", params=(beta_start, beta_end))
+
+
+def cosine_schedule(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+    """Nichol & Dhariwal's cosine schedule: abar_t^2 = f(t+1)/f(0) for 0-based t, f(u) = cos^2((u/T + s)/(1 + s) pi/2),
+    with per-step betas clipped at max_beta."""
+    _check_T(T)
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    betas = torch.tensor([min(1 - f(i + 1) / f(i), max_beta) for i in range(T)], dtype=torch.float64)
+    return Schedule.from_betas(betas, name="cosine", params=(s, max_beta))
+
+
+def make_schedule(name: str = "cosine", T: int = 1000, params: Sequence[float] = ()) -> Schedule:
+    """Schedule by name, as stored in a checkpoint's config."""
+    if name == "linear":
+        return linear_schedule(T, *params)
+    if name == "cosine":
+        return cosine_schedule(T, *params)
+    raise CondiffError(f"unknown schedule {name!r} (choose linear or cosine)")
+
+
+def respace(schedule: Schedule, steps: int | Sequence[int] | None = None) -> list[int]:
+    """Timesteps a sampler visits, in decreasing order (from T-1 down to 0 when K > 1).
+
+    ``steps`` is either a count K (evenly spaced over [0, T-1], both ends included)
+    or an explicit list of timesteps.  A respaced chain keeps the marginals:
+    the sampler goes from t to the next kept s with alpha_{t|s} = abar_t / abar_s.
+    """
+    T = schedule.T
+    if steps is None:
+        steps = T
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        if steps < 1 or steps > T:
+            raise CondiffError(f"steps must be between 1 and T={T}, got {steps}")
+        if steps == 1:
+            return [T - 1]
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().tolist()
+        return sorted(set(ts), reverse=True)
+    ts = [int(s) for s in steps]
+    if not ts:
+        raise CondiffError("the list of timesteps is empty")
+    if any(s < 0 or s >= T for s in ts):
+        raise CondiffError(f"timesteps must lie in [0, {T - 1}], got {ts}")
+    if len(set(ts)) != len(ts):
+        raise CondiffError("timesteps must not repeat")
+    return sorted(ts, reverse=True)
+
+
+def _check_T(T: int) -> None:
+    if not isinstance(T, int) or T < 1:
+        raise CondiffError(f"T must be a positive integer, got {T!r}")

@@ -1,0 +1,48 @@
+"""Small shared fixtures for the tests: tiny synthetic datasets and models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from condiff.data import ImageDataset
+
+
+def shapes_dataset(n: int = 256, size: int = 8, seed: int = 0) -> ImageDataset:
+    """Two easy classes at size x size: a bright left quarter (0) or bright top three quarters (1), plus noise."""
+    g = np.random.default_rng(seed)
+    y = g.integers(0, 2, n)
+    x = np.full((n, 1, size, size), -0.8, dtype=np.float32)
+    for i in range(n):
+        if y[i] == 0:
+            x[i, :, :, : size // 4] = 0.8
+        else:
+            x[i, :, : 3 * size // 4, :] = 0.8
+    x += 0.05 * g.standard_normal(x.shape).astype(np.float32)
+    return ImageDataset(torch.from_numpy(x).clamp(-1, 1), torch.from_numpy(y), ["left", "top"])
+
+
+def write_npz(path: Path, data: ImageDataset) -> Path:
+    imgs = ((data.images[:, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+    np.savez(path, images=imgs, labels=data.labels.numpy(), class_names=np.array(data.class_names))
+    return path
+
+
+def run_cli(*args, cwd=None, timeout=180):
+    """Run ``python -m condiff ARGS``; returns CompletedProcess with text output."""
+    return subprocess.run([sys.executable, "-m", "condiff", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(proc) -> None:
+    """Exit code 2, a single 'condiff ...: error: ...' line on stderr, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) >= 1 and "error" in lines[-1], proc.stderr
+    err_lines = [ln for ln in lines if "error" in ln]
+    assert len(err_lines) == 1, proc.stderr

@@ -1,0 +1,135 @@
+"""The condiff CLI end to end on tiny data, and its one-line errors (issues 2-4)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import assert_one_line_error, run_cli, shapes_dataset, write_npz
+
+TINY = ["--channels", "8,16", "--blocks", "1", "--T", "100", "--image-size", "8", "--no-progress",
+        "--device", "cpu", "--log-every", "10"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny class-conditional eps-model and a tiny noise-aware classifier, trained through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    data = write_npz(root / "shapes.npz", shapes_dataset(256))
+    p = run_cli("train", "--data", data, "--out", root / "model", "--steps", "30", "--batch-size", "32",
+                "--ckpt-every", "10", "--sample-every", "30", *TINY)
+    assert p.returncode == 0, p.stderr
+    p = run_cli("train-classifier", "--data", data, "--out", root / "clf", "--steps", "30", "--batch-size", "32",
+                *TINY)
+    assert p.returncode == 0, p.stderr
+    assert "held-out accuracy by t-range" in p.stdout
+    return root
+
+
+def test_train_writes_checkpoints_log_and_grid(trained):
+    run = trained / "model"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000010", "step-0000020", "step-0000030"]
+    cfg = json.loads((run / "checkpoints" / "step-0000030" / "config.json").read_text())
+    assert cfg["task"] == "diffusion" and cfg["class_names"] == ["left", "top"]
+    assert cfg["network"]["num_classes"] == 2 and cfg["p_uncond"] == 0.1
+    assert (run / "samples" / "step-0000030.png").is_file()
+    log = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [10, 20, 30] and all(r["images_per_s"] > 0 for r in log)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--class", "top", "--cfg-w", "2"],
+    ["--class", "LEFT", "--class", "1", "--cfg-scale", "3", "--cfg-interval", "10,80", "--cfg-rescale", "0.7"],
+    ["--unconditional"],
+    ["--class", "top", "--classifier", "CLF", "--scale", "2", "--unconditional"],
+    ["--class", "top", "--classifier", "CLF", "--scale", "2", "--sampler", "ddpm", "--form", "mean",
+     "--grad-at", "mu", "--steps", "20"],
+    ["--class", "top", "--classifier", "CLF", "--scale", "2", "--sharpen", "--cfg-w", "1"],
+    ["--sampler", "ddpm", "--variance", "ddpm-beta", "--steps", "20", "--unconditional"],
+    ["--sampler", "ddim", "--eta", "0.5", "--class", "0", "--clip-x0", "1"],
+])
+def test_sample_variants_write_grid_and_npz(trained, tmp_path, extra):
+    extra = [str(trained / "clf") if a == "CLF" else a for a in extra]
+    p = run_cli("sample", "--ckpt", trained / "model", "--n", "3", "--steps", "10", "--out", tmp_path / "g.png",
+                "--npz", tmp_path / "s.npz", "--no-progress", "--device", "cpu", *extra)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "g.png").is_file()
+    z = np.load(tmp_path / "s.npz")
+    rows = max(1, extra.count("--class"))
+    assert z["images"].shape == (3 * rows, 8, 8, 1) and z["images"].dtype == np.uint8
+
+
+def test_same_seed_same_images(trained, tmp_path):
+    outs = []
+    for i in range(2):
+        p = run_cli("sample", "--ckpt", trained / "model", "--class", "top", "--cfg-w", "1", "--n", "4",
+                    "--steps", "8", "--seed", "5", "--out", tmp_path / f"{i}.png", "--npz", tmp_path / f"{i}.npz",
+                    "--no-progress", "--device", "cpu")
+        assert p.returncode == 0, p.stderr
+        outs.append(np.load(tmp_path / f"{i}.npz")["images"])
+    assert np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("args", [
+    ["sample", "--ckpt", "MISSING"],
+    ["sample", "--ckpt", "MODEL", "--steps", "101"],
+    ["sample", "--ckpt", "MODEL", "--class", "hat"],
+    ["sample", "--ckpt", "MODEL", "--class", "7"],
+    ["sample", "--ckpt", "MODEL", "--class", "top", "--cfg-w", "-1"],
+    ["sample", "--ckpt", "MODEL", "--class", "top", "--cfg-w", "nan"],
+    ["sample", "--ckpt", "MODEL", "--class", "top", "--cfg-w", "1", "--cfg-scale", "2"],
+    ["sample", "--ckpt", "MODEL", "--class", "top", "--cfg-scale", "0.5"],
+    ["sample", "--ckpt", "MODEL", "--classifier", "CLF"],
+    ["sample", "--ckpt", "CLF"],
+    ["sample", "--ckpt", "MODEL", "--class", "top", "--classifier", "MODEL"],
+    ["sample", "--ckpt", "MODEL", "--class", "top", "--classifier", "CLF", "--form", "mean"],
+    ["sample", "--ckpt", "MODEL", "--device", "cuda:0"] ,
+    ["sample", "--ckpt", "MODEL", "--n", "0"],
+    ["sample", "--ckpt", "MODEL", "--sampler", "euler"],
+    ["sample", "--ckpt", "PICKLE"],
+    ["sample", "--ckpt", "CORRUPT"],
+    ["train", "--out", "OUT", "--data", "MISSING"],
+    ["train", "--out", "OUT", "--data", "BADNPZ"],
+    ["train", "--out", "OUT", "--data", "NPZ", "--batch-size", "100000"],
+    ["train", "--out", "OUT", "--data", "NPZ", "--image-size", "10"],
+    ["train", "--out", "OUT", "--data", "NPZ", "--lr", "-1"],
+    ["nonsense-command"],
+])
+def test_bad_input_gives_one_line_error_and_exit_2(trained, tmp_path, args):
+    import torch
+
+    pickle_file = tmp_path / "model.pt"
+    torch.save({"a": 1}, pickle_file)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((trained / "model" / "checkpoints" / "step-0000030" / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    bad_npz = tmp_path / "bad.npz"
+    bad_npz.write_bytes(b"not a zip")
+    subs = {"MISSING": tmp_path / "nope", "MODEL": trained / "model", "CLF": trained / "clf",
+            "PICKLE": pickle_file, "CORRUPT": corrupt, "OUT": tmp_path / "out", "BADNPZ": bad_npz,
+            "NPZ": trained / "shapes.npz"}
+    args = [str(subs.get(a, a)) for a in args]
+    if args[0] == "sample":
+        args += ["--out", str(tmp_path / "x.png"), "--no-progress"]
+    p = run_cli(*args)
+    assert_one_line_error(p)
+    assert not (tmp_path / "x.png").exists()  # nothing half-written
+
+
+def test_truncated_checkpoint_is_a_one_line_error(trained, tmp_path):
+    import shutil
+
+    ck = tmp_path / "trunc"
+    shutil.copytree(trained / "model" / "checkpoints" / "step-0000030", ck)
+    data = (ck / "model.safetensors").read_bytes()
+    (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    p = run_cli("sample", "--ckpt", ck, "--out", tmp_path / "x.png")
+    assert_one_line_error(p)
+    assert "corrupt or truncated" in p.stderr
+
+
+@pytest.mark.parametrize("cmd", ["train", "train-classifier", "sample"])
+def test_help_explains_every_command(cmd):
+    p = run_cli(cmd, "--help")
+    assert p.returncode == 0 and "--device" in p.stdout and "--seed" in p.stdout
