@@ -133,3 +133,37 @@ def test_truncated_checkpoint_is_a_one_line_error(trained, tmp_path):
 def test_help_explains_every_command(cmd):
     p = run_cli(cmd, "--help")
     assert p.returncode == 0 and "--device" in p.stdout and "--seed" in p.stdout
+
+
+def test_demo_writes_every_section_and_an_index(trained, tmp_path):
+    p = run_cli("demo", "--ckpt", trained / "model", "--classifier", trained / "clf", "--out", tmp_path / "demo",
+                "--steps", "5", "--per-class", "2", "--no-progress", "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    files = sorted(f.name for f in (tmp_path / "demo").iterdir())
+    grids = [f for f in files if f.endswith(".png")]
+    assert "index.html" in files and "report.md" in files
+    assert {"unguided.png", "cfg-w0.png", "cfg-w3.png", "classifier-g0.png", "classifier-g10.png"} <= set(grids)
+    page = (tmp_path / "demo" / "index.html").read_text()
+    report = (tmp_path / "demo" / "report.md").read_text()
+    for g in grids:  # every grid is laid out and labelled in both
+        assert f"src='{g}'" in page and f"({g})" in report
+    assert "gamma = 5" in page and "w = 3 (s = 4)" in page
+
+
+def test_demo_without_shipped_models_is_a_one_line_error(tmp_path, monkeypatch):
+    import condiff.zoo as zoo
+
+    p = run_cli("demo", "--out", tmp_path / "d", "--device", "cpu") if not (zoo.models_dir() / zoo.SHIPPED[
+        "diffusion"] / "model.safetensors").is_file() else run_cli("demo", "--ckpt", tmp_path / "missing")
+    assert_one_line_error(p)
+
+
+def test_export_writes_model_card(trained, tmp_path):
+    p = run_cli("export", "--ckpt", trained / "model", "--out", tmp_path / "m", "--command", "condiff train ...")
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "steps: 30" in card and "condiff train ..." in card and "p_uncond: 0.1" in card
+    p = run_cli("sample", "--ckpt", tmp_path / "m", "--class", "top", "--n", "2", "--steps", "4",
+                "--out", tmp_path / "x.png", "--no-progress")
+    assert p.returncode == 0, p.stderr

@@ -135,3 +135,20 @@ def test_nonfinite_loss_aborts_after_limit(tmp_path):
     cfg = TrainConfig(steps=20, batch_size=16, max_nonfinite=3, ckpt_every=100)
     with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(NonFiniteError, match="3 non-finite"):
         train(tiny_unet(), DiffusionTask(SCHED, 0.0), data, cfg, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("channels,size,stem", [(3, 32, 2), (3, 16, 1), (1, 28, 2), (1, 12, 2)])
+def test_unet_and_encoder_work_at_other_sizes_and_channel_counts(channels, size, stem):
+    torch.manual_seed(0)
+    net = UNet(in_channels=channels, image_size=size, channels=(8, 16), blocks=1, stem=stem, num_classes=3)
+    x = torch.randn(2, channels, size, size)
+    assert net(x, torch.tensor([0, 5]), torch.tensor([1, 3])).shape == x.shape
+    enc = EncoderNet(in_channels=channels, image_size=size, channels=(8, 16), blocks=1, stem=stem, out_dim=4)
+    assert enc(x, torch.tensor([0, 5])).shape == (2, 4)
+
+
+def test_unet_rejects_sizes_it_cannot_halve():
+    from condiff.errors import CondiffError
+
+    with pytest.raises(CondiffError, match="divisible by 4"):
+        UNet(image_size=30, channels=(8, 16), stem=2)

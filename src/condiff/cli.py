@@ -69,7 +69,8 @@ def _add_train_common(p: argparse.ArgumentParser, steps: int, lr: float, channel
                         "(default: /usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist)")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, metrics.jsonl, samples/")
     p.add_argument("--steps", type=_pos_int, default=steps, help=f"optimizer steps (default {steps})")
-    p.add_argument("--batch-size", type=_pos_int, default=128, help="batch size (default 128)")
+    p.add_argument("--batch-size", type=_pos_int, default=128,
+                   help="global batch size; under torchrun each of N processes takes 1/N of it (default 128)")
     p.add_argument("--lr", type=_nonneg_float, default=lr, help=f"peak AdamW learning rate (default {lr})")
     p.add_argument("--warmup", type=_pos_int, default=100, help="linear warm-up steps (default 100)")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
@@ -89,7 +90,15 @@ def _add_train_common(p: argparse.ArgumentParser, steps: int, lr: float, channel
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     p.add_argument("--limit", type=_pos_int, default=None, help="use only the first N training images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_accel(p)
     _add_common(p)
+
+
+def _add_accel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bf16", action="store_true",
+                   help="run the networks under bfloat16 autocast (for GPUs; works but rarely pays on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (for GPUs; the first steps are slow while it compiles)")
 
 
 def _train_config(args, **over):
@@ -98,7 +107,7 @@ def _train_config(args, **over):
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        weight_decay=args.weight_decay, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
                        seed=args.seed, ckpt_every=args.ckpt_every, keep=args.keep, log_every=args.log_every,
-                       **over)
+                       bf16=getattr(args, "bf16", False), **over)
 
 
 def _load_data(args, split="train"):
@@ -114,6 +123,8 @@ def _load_data(args, split="train"):
 
 # ----------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
+    from .accel import compile_model
+    from .distributed import current as current_dist
     from .images import save_grid
     from .nets import UNet
     from .pipeline import generate, resolve_device
@@ -139,16 +150,23 @@ def cmd_train(args) -> int:
         x = generate(ema, schedule, 8 * k, shape=(C, H, W), cond=cond, steps=25, seed=0, device=device)
         save_grid(x, out / "samples" / f"step-{step:07d}.png", nrow=8)
 
-    print(f"condiff train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(data)} images {C}x{H}x{W}, device {device}", file=sys.stderr)
-    final = train(model, DiffusionTask(schedule, args.p_uncond if num_classes else 0.0), data,
+    dist = current_dist()
+    if dist.main:
+        print(f"condiff train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{len(data)} images {C}x{H}x{W}, device {device}, {dist.world_size} process(es)", file=sys.stderr)
+    task = DiffusionTask(schedule, args.p_uncond if num_classes else 0.0)
+    final = train(compile_model(dist.wrap(model), args.compile), task, data,
                   _train_config(args, sample_every=args.sample_every), out, meta=meta, device=device,
-                  resume=not args.no_resume, progress=not args.no_progress, callback=on_sample)
-    print(f"final checkpoint: {final}")
+                  resume=not args.no_resume, progress=not args.no_progress, callback=on_sample,
+                  **dist.train_kwargs())
+    if dist.main:
+        print(f"final checkpoint: {final}")
     return 0
 
 
 def cmd_train_classifier(args) -> int:
+    from .accel import compile_model
+    from .distributed import current as current_dist
     from .nets import EncoderNet
     from .pipeline import resolve_device
     from .schedule import make_schedule
@@ -162,8 +180,12 @@ def cmd_train_classifier(args) -> int:
                        out_dim=data.num_classes).to(device)
     names = data.class_names or [str(i) for i in range(data.num_classes)]
     meta = {"schedule": schedule.config(), "class_names": names, "image_shape": [C, H, W]}
-    final = train(model, ClassifierTask(schedule, args.t_max), data, _train_config(args), args.out, meta=meta,
-                  device=device, resume=not args.no_resume, progress=not args.no_progress)
+    dist = current_dist()
+    final = train(compile_model(dist.wrap(model), args.compile), ClassifierTask(schedule, args.t_max), data,
+                  _train_config(args), args.out, meta=meta, device=device, resume=not args.no_resume,
+                  progress=not args.no_progress, **dist.train_kwargs())
+    if not dist.main:
+        return 0
     try:
         held_out = _load_data(args, "test") if args.data is None or Path(args.data).is_dir() and \
             any(Path(args.data).glob("t10k-*")) else data
@@ -229,6 +251,28 @@ def cmd_sample(args) -> int:
     print(f"wrote {out}")
     if args.npz:
         print(f"wrote {save_npz(args.npz, x, y if y is not None else None)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo, export
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+    from .pipeline import resolve_device
+    from .zoo import shipped
+
+    device = resolve_device(args.device)
+    ckpt = args.ckpt or shipped("diffusion")
+    clf = args.classifier or (shipped("classifier") if args.ckpt is None else None)
+    index = run_demo(DemoConfig(diffusion=ckpt, classifier=clf, steps=args.steps, per_class=args.per_class,
+                                seed=args.seed, device=device), args.out, progress=not args.no_progress)
+    print(f"wrote {index}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .zoo import export_model
+
+    print(f"wrote {export_model(args.ckpt, args.out, command=args.command)}")
     return 0
 
 
@@ -308,6 +352,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="every guidance method side by side on the shipped models (index.html)",
+                       description="Sample unguided, classifier-guided (several gamma) and classifier-free "
+                                   "(several w) grids, plus text/image/style guidance when those models are "
+                                   "present, and write index.html + report.md. Uses the models shipped in the "
+                                   "package unless checkpoints are given.", epilog=EPILOG)
+    p.add_argument("--out", default="demo", help="output folder (default demo/)")
+    p.add_argument("--ckpt", default=None, help="eps-model checkpoint (default: shipped)")
+    p.add_argument("--classifier", default=None, help="noise-aware classifier (default: shipped)")
+    p.add_argument("--steps", type=_pos_int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--per-class", type=_pos_int, default=6, help="samples per grid row (default 6)")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="copy a run's weights + config into a model folder with a model card",
+                       description="Export the newest checkpoint of a run as an inference model folder "
+                                   "(config.json, model.safetensors, README.md model card).", epilog=EPILOG)
+    p.add_argument("--ckpt", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument("--command", default="", help="the training command, recorded in the model card")
+    p.set_defaults(func=cmd_export)
+
+    from .cli_eval import register as register_eval  # train-judge, evaluate, sweep
+
+    register_eval(sub, _add_common, _pos_int, _nonneg_float, _int_list)
     return parser
 
 

@@ -7,13 +7,15 @@
 
 :func:`train` runs any task: AdamW with warm-up, gradient clipping, EMA weights,
 crash-safe checkpoints every N steps (resume is bit-identical on CPU: data order,
-noise and RNG state are all restored), a JSONL metrics log, tqdm progress and an
-optional periodic callback (sample grids).
+noise and RNG state are all restored), a JSONL metrics log, tqdm progress, an
+optional periodic callback (sample grids), and data parallelism over torchrun ranks
+(see :mod:`condiff.distributed`: the global batch split across ranks, rank 0 writes).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import shutil
@@ -27,8 +29,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import latest_checkpoint, load_checkpoint, load_state_strict, save_checkpoint
+from .accel import autocast
+from .checkpoints import (atomic_write_text, latest_checkpoint, load_latest_checkpoint, load_state_strict,
+                          save_checkpoint)
 from .data import ImageDataset
+from .distributed import Shard, all_true, barrier, merge_sums, same_on_all_ranks
 from .errors import CondiffError, NonFiniteError
 from .schedule import Schedule
 
@@ -40,7 +45,12 @@ T_RANGES = {"clean": (0.0, 0.1), "mid": (0.1, 0.6), "noisy": (0.6, 1.0)}
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings shared by every task."""
+    """Optimisation settings shared by every task.
+
+    ``batch_size`` is the global batch of one optimizer step: with several
+    processes (torchrun) each of the N ranks trains on batch_size / N of its rows.
+    ``bf16`` runs the task's forward pass under bfloat16 autocast.
+    """
 
     steps: int = 2000
     batch_size: int = 128
@@ -55,6 +65,7 @@ class TrainConfig:
     log_every: int = 25
     sample_every: int = 0
     max_nonfinite: int = 5
+    bf16: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "ckpt_every", "keep", "log_every", "max_nonfinite"):
@@ -81,18 +92,19 @@ class DiffusionTask:
     def config(self) -> dict:
         return {"task": self.name, "p_uncond": self.p_uncond}
 
-    def drop_condition(self, model, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def drop_condition(self, model, y: torch.Tensor, generator: torch.Generator,
+                       shard: Shard = Shard()) -> torch.Tensor:
         """Replace each condition by the null phi with probability p_uncond (eq 24's training side)."""
-        drop = torch.rand(y.shape[0], generator=generator) < self.p_uncond
+        drop = shard.rand(y.shape[0], generator) < self.p_uncond
         null = model.null_cond(y.shape[0], y.device)
         mask = drop.to(y.device).view((-1,) + (1,) * (y.dim() - 1))
         return torch.where(mask, null, y.to(null.dtype))
 
-    def loss(self, model, x0, y, generator):
+    def loss(self, model, x0, y, generator, shard: Shard = Shard()):
         B = x0.shape[0]
-        t = torch.randint(0, self.schedule.T, (B,), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        cond = self.drop_condition(_unwrap(model), y, generator) if _unwrap(model).conditional else None
+        t = shard.randint(self.schedule.T, B, generator).to(x0.device)
+        eps = shard.randn(x0.shape, generator).to(x0.device)
+        cond = self.drop_condition(_unwrap(model), y, generator, shard) if _unwrap(model).conditional else None
         pred = model(self.schedule.add_noise(x0, t, eps), t, cond)
         return F.mse_loss(pred.float(), eps), {}
 
@@ -111,10 +123,10 @@ class ClassifierTask:
     def config(self) -> dict:
         return {"task": self.name, "t_max": self.t_max}
 
-    def loss(self, model, x0, y, generator):
+    def loss(self, model, x0, y, generator, shard: Shard = Shard()):
         B = x0.shape[0]
-        t = torch.randint(0, self.t_max, (B,), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        t = shard.randint(self.t_max, B, generator).to(x0.device)
+        eps = shard.randn(x0.shape, generator).to(x0.device)
         logits = model(self.schedule.add_noise(x0, t, eps), t).float()
         correct = (logits.argmax(1) == y).float()
         metrics = {}
@@ -126,6 +138,8 @@ class ClassifierTask:
 
 
 def _unwrap(model):
+    """The network inside torch.compile and/or DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if hasattr(model, "module") else model
 
 
@@ -184,7 +198,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))  # a kill here must not lose the log
 
 
 def _prune(run_dir: Path, keep: int) -> None:
@@ -204,9 +218,13 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
 
     Args:
         model: the network (a UNet for diffusion, an EncoderNet for a classifier); may be
-            wrapped in DistributedDataParallel, in which case each of ``world_size``
-            ranks takes its slice of the same global batch.
-        task: DiffusionTask or ClassifierTask (anything with ``loss`` and ``config``).
+            wrapped in DistributedDataParallel (and torch.compile), in which case rank
+            ``rank`` of ``world_size`` trains on rows [rank::world_size] of the same
+            global batch of ``cfg.batch_size`` (which world_size must divide) and draws
+            its noise as that slice of the global draw (:class:`condiff.distributed.Shard`),
+            so N processes follow the single-process run; only rank 0 writes.
+        task: DiffusionTask or ClassifierTask (anything with ``loss`` and ``config``; for
+            several processes its ``loss`` must take ``shard=``).
         meta: extra JSON-able config (schedule, class names) stored with each checkpoint.
         resume: continue from the newest complete checkpoint in ``out_dir`` if any.
         callback: called as ``callback(ema_model, step)`` every ``cfg.sample_every`` steps.
@@ -214,6 +232,14 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
         the folder of the final checkpoint.
     """
     cfg.validate()
+    if not 0 <= rank < world_size:
+        raise CondiffError(f"rank {rank} outside world size {world_size}")
+    if cfg.batch_size % world_size:
+        raise CondiffError(f"batch size {cfg.batch_size} is not divisible by the {world_size} processes; "
+                           "--batch-size is the global batch")
+    sharded = "shard" in inspect.signature(task.loss).parameters
+    if world_size > 1 and not sharded:
+        raise CondiffError(f"{task.name} training does not support several processes")
     out = Path(out_dir)
     net = _unwrap(model)
     config = dict(meta or {}, network=net.config, train=asdict(cfg), **task.config())
@@ -224,10 +250,10 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    step = 0
-    latest = latest_checkpoint(out) if resume else None
+    step, wall_before, started = 0, 0.0, time.time()
+    latest, ck = load_latest_checkpoint(out) if resume else (None, None)  # skips an unreadable newest one
+    latest = same_on_all_ranks(latest, world_size, "the checkpoint to resume from")
     if latest is not None:
-        ck = load_checkpoint(latest)
         if ck["config"].get("network") != net.config:
             raise CondiffError(f"{latest}: its network config differs from this run's; use another --out")
         if "raw" not in ck:
@@ -238,9 +264,13 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
         gen.set_state(ck["rng"]["generator"])
         torch.set_rng_state(ck["rng"]["torch"])
         step = ck["step"]
+        wall_before = float(ck.get("extra", {}).get("wall_s", 0.0))
         if main:
             _truncate_log(out / "metrics.jsonl", step)
-    order = _BatchOrder(len(data), cfg.batch_size * world_size, cfg.seed)
+    elif main:
+        _truncate_log(out / "metrics.jsonl", 0)  # lines of a start killed before its first checkpoint
+    order = _BatchOrder(len(data), cfg.batch_size, cfg.seed)
+    shard = {"shard": Shard(rank, world_size)} if sharded else {}
     log_path = out / "metrics.jsonl"
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main), desc=f"train {task.name}",
                dynamic_ncols=True)
@@ -251,8 +281,9 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
         x0, y = data.images[idx].to(device), data.labels[idx].to(device)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        loss, metrics = task.loss(model, x0, y, gen)
-        if not torch.isfinite(loss):
+        with autocast(device, cfg.bf16):
+            loss, metrics = task.loss(model, x0, y, gen, **shard)
+        if not all_true(torch.isfinite(loss), world_size):
             bad_in_row += 1
             warnings.warn(f"non-finite loss at step {step}; step skipped ({bad_in_row} in a row)")
             if bad_in_row >= cfg.max_nonfinite:
@@ -282,8 +313,10 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = time.time() - t0
-            rec = {"step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
-                   "images_per_s": window["loss"][1] * world_size / max(dt, 1e-9)}
+            window = merge_sums(window, world_size)
+            rec = {"step": step, "wall_s": round(wall_before + time.time() - started, 2),
+                   "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+                   "images_per_s": window["loss"][1] / max(dt, 1e-9)}
             rec.update({k: num / max(den, 1) for k, (num, den) in window.items()})
             bar.set_postfix(loss=f"{rec['loss']:.4f}", ips=f"{rec['images_per_s']:.0f}")
             if main:
@@ -294,10 +327,12 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
             if main:
                 final = save_checkpoint(out / "checkpoints" / f"step-{step:07d}", net, config, ema=ema,
                                         optimizer=opt, step=step,
+                                        extra={"wall_s": wall_before + time.time() - started},
                                         rng={"generator": gen.get_state(), "torch": torch.get_rng_state()})
                 _prune(out, cfg.keep)
         if callback is not None and main and cfg.sample_every and step % cfg.sample_every == 0:
             callback(ema_model(net, ema), step)
             model.train()
     bar.close()
+    barrier(world_size)  # rank 0's last checkpoint is complete before any rank returns
     return final if final is not None else latest_checkpoint(out)
