@@ -46,3 +46,22 @@ def assert_one_line_error(proc) -> None:
     assert len(lines) >= 1 and "error" in lines[-1], proc.stderr
     err_lines = [ln for ln in lines if "error" in ln]
     assert len(err_lines) == 1, proc.stderr
+
+
+def run_cli_inprocess(argv) -> tuple[int, str, str]:
+    """``condiff.cli.main(argv)`` in this process: (exit code, stdout, stderr); argparse exits become codes.
+
+    Any other exception propagates: for the CLI that is a Python traceback, i.e. a bug.
+    """
+    import contextlib
+    import io
+
+    from condiff.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return rc, out.getvalue(), err.getvalue()

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CondiffError
+from .integrity import sniff_format, verify_file, weights_file, write_manifest
 
 FORMAT = "condiff-checkpoint"
 VERSION = 1
@@ -32,7 +33,7 @@ PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "resolve_checkpoint", "latest_checkpoint",
-           "read_config", "atomic_write_text"]
+           "load_latest_checkpoint", "read_config", "atomic_write_text"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -123,6 +124,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *, e
         _fsync_file(tmp / "training.safetensors")
         atomic_write_text(tmp / "training.json", json.dumps({"step": step, "optimizer": opt_meta,
                                                             "extra": extra or {}}, indent=1))
+    write_manifest(tmp)  # SHA256SUMS: loaders detect flipped or missing bytes
     _fsync_dir(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old{os.getpid()}")
@@ -161,7 +163,7 @@ def resolve_checkpoint(path: str | Path, trust_pickle: bool = False) -> Path:
         raise CondiffError(f"checkpoint not found: {path}")
     _check_not_pickle(path, trust_pickle)
     if path.is_file():
-        if path.suffix != ".safetensors":
+        if path.suffix != ".safetensors" and not (trust_pickle and path.suffix.lower() in PICKLE_SUFFIXES):
             raise CondiffError(f"{path}: not a checkpoint (expected a folder or a .safetensors file)")
         return path.parent
     if (path / "config.json").is_file():
@@ -176,6 +178,7 @@ def read_config(ckpt: str | Path) -> dict:
     """The parsed config.json of a checkpoint folder, validated."""
     ckpt = Path(ckpt)
     try:
+        verify_file(ckpt / "config.json")
         config = json.loads((ckpt / "config.json").read_text())
     except FileNotFoundError:
         raise CondiffError(f"{ckpt}: config.json is missing") from None
@@ -189,10 +192,13 @@ def read_config(ckpt: str | Path) -> dict:
 def _load_tensors(path: Path) -> dict:
     if not path.is_file():
         raise CondiffError(f"{path} is missing")
+    verify_file(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if sniff_format(path) == "pickle":
+            msg += "; it looks like a pickle-based torch.save file, not safetensors"
         raise CondiffError(f"{path} is corrupt or truncated ({msg})") from None
 
 
@@ -218,7 +224,14 @@ def load_model(path: str | Path, device="cpu", trust_pickle: bool = False):
     ckpt = resolve_checkpoint(path, trust_pickle)
     config = read_config(ckpt)
     model = build(config["network"])
-    load_state_strict(model, _load_tensors(ckpt / "model.safetensors"), str(ckpt))
+    wfile = weights_file(path, ckpt, trust_pickle)
+    if wfile.suffix.lower() in PICKLE_SUFFIXES:
+        from .integrity import load_pickle_weights
+
+        weights = load_pickle_weights(wfile)
+    else:
+        weights = _load_tensors(wfile)
+    load_state_strict(model, weights, str(wfile))
     return model.to(device).eval(), config
 
 
@@ -231,12 +244,39 @@ def load_checkpoint(ckpt: str | Path) -> dict:
     if (ckpt / "training.safetensors").is_file():
         tensors = _load_tensors(ckpt / "training.safetensors")
         try:
+            verify_file(ckpt / "training.json")
             meta = json.loads((ckpt / "training.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            out["optimizer"] = _unflatten_optimizer(tensors, meta["optimizer"])
+            out["step"] = int(meta["step"])
+            out["extra"] = meta.get("extra", {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CondiffError(f"{ckpt}/training.json is missing or corrupt: {e}") from None
         out["raw"] = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         out["rng"] = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
-        out["optimizer"] = _unflatten_optimizer(tensors, meta["optimizer"])
-        out["step"] = int(meta["step"])
-        out["extra"] = meta.get("extra", {})
     return out
+
+
+def load_latest_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict | None]:
+    """The newest *loadable* checkpoint of a run for resuming: (folder, load_checkpoint(folder)).
+
+    A newest checkpoint that fails its checks (a bad disk, bytes changed after the
+    write) is skipped with a warning, so at most the steps since the one before
+    it are lost; (None, None) when the run has no checkpoint; an error when none loads.
+    """
+    import warnings
+
+    ckdir = Path(run_dir) / "checkpoints"
+    found = sorted((int(m.group(1)), p) for p in (ckdir.iterdir() if ckdir.is_dir() else ())
+                   if (m := _STEP_DIR.match(p.name)) and (p / "config.json").is_file()
+                   and (p / "model.safetensors").is_file())
+    errors = []
+    for _, p in reversed(found):
+        try:
+            return p, load_checkpoint(p)
+        except CondiffError as e:
+            errors.append(str(e))
+            warnings.warn(f"skipping unreadable checkpoint {p.name}: {e}")
+    if errors:
+        raise CondiffError(f"{run_dir}: no checkpoint can be loaded ({errors[0]}); use another --out "
+                           "or --no-resume")
+    return None, None

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import CondiffError
+from .validation import MAX_INT, check_output_dir, describe_unexpected, finite_float, int_range, one_line, seed
 
 EPILOG = "Article: Su Jianlin, 'Generative diffusion models (9): conditional control of generation'."
 
@@ -22,7 +23,7 @@ def _int_list(text: str) -> list[int]:
         vals = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
+    if not vals or any(not 1 <= v <= MAX_INT for v in vals):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return vals
 
@@ -32,8 +33,8 @@ def _pos_int(text: str) -> int:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    if not 1 <= v <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_INT}], got {text!r}")
     return v
 
 
@@ -60,7 +61,7 @@ def _interval(text: str) -> tuple[int, int]:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present; default)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed, 0 to 2^32-1 (default 0)")
 
 
 def _add_train_common(p: argparse.ArgumentParser, steps: int, lr: float, channels: str, blocks: int) -> None:
@@ -78,12 +79,12 @@ def _add_train_common(p: argparse.ArgumentParser, steps: int, lr: float, channel
     p.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="gradient-norm clip, 0 = off (default 1)")
     p.add_argument("--channels", type=_int_list, default=_int_list(channels),
                    help=f"widths per resolution level (default {channels})")
-    p.add_argument("--blocks", type=_pos_int, default=blocks, help=f"residual blocks per level (default {blocks})")
-    p.add_argument("--stem", type=_pos_int, default=2, help="pixel-unshuffle factor of the input stem (default 2)")
-    p.add_argument("--image-size", type=_pos_int, default=None,
+    p.add_argument("--blocks", type=int_range(1, 64), default=blocks, help=f"residual blocks per level (default {blocks})")
+    p.add_argument("--stem", type=int_range(1, 64), default=2, help="pixel-unshuffle factor of the input stem (default 2)")
+    p.add_argument("--image-size", type=int_range(1, 4096), default=None,
                    help="image folders are resized to this size (default 28); other data must already have it")
     p.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule (default cosine)")
-    p.add_argument("--T", type=_pos_int, default=1000, help="number of diffusion steps T (default 1000)")
+    p.add_argument("--T", type=int_range(1, 100_000), default=1000, help="number of diffusion steps T (default 1000)")
     p.add_argument("--ckpt-every", type=_pos_int, default=250, help="checkpoint every N steps (default 250)")
     p.add_argument("--keep", type=_pos_int, default=3, help="keep the last K checkpoints (default 3)")
     p.add_argument("--log-every", type=_pos_int, default=25, help="log metrics every N steps (default 25)")
@@ -113,11 +114,16 @@ def _train_config(args, **over):
 def _load_data(args, split="train"):
     from .data import load_dataset
 
+    check_output_dir(args.out)  # every training command loads its data first: fail before any work
     data = load_dataset(args.data, split, size=args.image_size or 28)
     if args.image_size and data.shape[1:] != (args.image_size, args.image_size):
         raise CondiffError(f"the data's images are {data.shape[1]}x{data.shape[2]}, not --image-size {args.image_size}")
+    if data.shape[1] != data.shape[2]:
+        raise CondiffError(f"images must be square, got {data.shape[1]}x{data.shape[2]}")
     if args.limit:
         data = type(data)(data.images[:args.limit], data.labels[:args.limit], data.class_names)
+    if split == "train" and getattr(args, "batch_size", 0) > len(data):
+        raise CondiffError(f"--batch-size {args.batch_size} is larger than the data ({len(data)} images)")
     return data
 
 
@@ -207,16 +213,39 @@ def cmd_sample(args) -> int:
     from .data import resolve_class
     from .guidance import ClassifierTerm
     from .images import save_grid, save_npz
-    from .pipeline import generate, guided_model, load_classifier, load_diffusion, resolve_device
+    from .accel import autocast, compile_model
+    from .distributed import current as current_dist, generate_sharded
+    from .interop import check_classifier_schedule
+    from .similarity.commands import similarity_terms
+    from .pipeline import guided_model, load_classifier, load_diffusion, resolve_device
     from .schedule import respace
 
+    from .validation import check_output_file
+
+    check_output_file(args.out, "--out")  # before any work: a failed run writes nothing
+    if args.npz:
+        check_output_file(args.npz, "--npz")
     device = resolve_device(args.device)
     if args.cfg_w is not None and args.cfg_scale is not None:
         raise CondiffError("give --cfg-w (the article's w) or --cfg-scale (s = 1 + w), not both")
     cfg_w = args.cfg_w if args.cfg_scale is None else args.cfg_scale - 1
     if cfg_w is not None and cfg_w < 0:
         raise CondiffError(f"--cfg-scale must be >= 1 (s = 1 + w), got {args.cfg_scale}")
-    model, schedule, config = load_diffusion(args.ckpt, device, args.trust_pickle)
+    if (args.ckpt is None) == (args.diffusers_model is None):
+        raise CondiffError("give --ckpt CKPT or --diffusers-model DIR (exactly one)")
+    if args.diffusers_model is not None:
+        from .checkpoints import read_config, resolve_checkpoint
+        from .interop import load_diffusers
+
+        if args.classes and not args.classifier:
+            raise CondiffError("a diffusers UNet2DModel is unconditional: pass --classifier CKPT to guide it to a class")
+        model, schedule, config = load_diffusers(args.diffusers_model, device, args.trust_pickle)
+        if args.classifier:  # class names come from the classifier that guides it
+            config["class_names"] = read_config(resolve_checkpoint(args.classifier, args.trust_pickle)).get(
+                "class_names", [])
+    else:
+        model, schedule, config = load_diffusion(args.ckpt, device, args.trust_pickle)
+    model = compile_model(model, args.compile)
     respace(schedule, args.steps)  # validate steps against T before any work
     names = config.get("class_names", [])
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
@@ -226,7 +255,10 @@ def cmd_sample(args) -> int:
     if args.classifier:
         if not classes:
             raise CondiffError("--classifier needs --class")
-        clf, _ = load_classifier(args.classifier, device, args.trust_pickle)
+        clf, clf_config = load_classifier(args.classifier, device, args.trust_pickle)
+        mismatch = check_classifier_schedule(schedule, clf_config)
+        if mismatch and current_dist().main:
+            print(f"condiff sample: warning: {mismatch}", file=sys.stderr)
     if not classes and cfg_w is not None:
         raise CondiffError("classifier-free guidance needs --class")
     if classes and not conditional and not args.classifier:
@@ -235,18 +267,22 @@ def cmd_sample(args) -> int:
     y = torch.tensor([c for c in rows for _ in range(args.n)]) if classes else None
     if args.classifier:
         terms.append(ClassifierTerm(clf, y, args.scale, sharpen=args.sharpen))
+    terms += similarity_terms(args, schedule, shape, device)  # --text, --image, --style (eqs 11-15)
     use_model_cond = conditional and not args.unconditional and (cfg_w is not None or (classes and not args.classifier))
     eps, shift = guided_model(model, schedule, cfg_w=(cfg_w if cfg_w is not None else (0.0 if use_model_cond else None)),
                               cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale,
                               unconditional=conditional and not use_model_cond,
                               terms=terms, form=args.form, grad_at=args.grad_at)
-    if terms and args.batch_size < len(y):
+    if args.classifier and args.batch_size < len(y):
         # per-sample classifier targets must follow the batches
         raise CondiffError(f"--batch-size must be >= the number of guided samples ({len(y)})")
-    x = generate(eps, schedule, len(rows) * args.n, shape=shape, cond=y if use_model_cond else None,
-                 sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance, mean_shift=shift,
-                 seed=args.seed, batch_size=args.batch_size, device=device, clip_x0=args.clip_x0,
-                 progress=not args.no_progress)
+    with autocast(device, args.bf16):  # batches split across torchrun ranks, gathered on rank 0
+        x = generate_sharded(eps, schedule, len(rows) * args.n, shape=shape, cond=y if use_model_cond else None,
+                             sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
+                             mean_shift=shift, seed=args.seed, batch_size=args.batch_size, device=device,
+                             clip_x0=args.clip_x0, progress=not args.no_progress and current_dist().main)
+    if x is None:  # not rank 0: rank 0 writes
+        return 0
     out = save_grid(x, args.out, nrow=args.n)
     print(f"wrote {out}")
     if args.npz:
@@ -272,13 +308,14 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from .zoo import export_model
 
-    print(f"wrote {export_model(args.ckpt, args.out, command=args.command)}")
+    print(f"wrote {export_model(args.ckpt, args.out, command=args.train_command)}")
     return 0
 
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .similarity.commands import add_similarity_sample_args, add_train_encoder_parser
 
     parser = argparse.ArgumentParser(
         prog="condiff", epilog=EPILOG,
@@ -299,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-conditional with a null class (default), or unconditional")
     p.add_argument("--p-uncond", type=_nonneg_float, default=0.1,
                    help="probability of dropping the class to the null phi (default 0.1)")
-    p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0 = never)")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--sample-every", type=int_range(0), default=0, help="write a sample grid every N steps (0 = never)")
+    p.set_defaults(func=cmd_train, distributed=True)
 
     p = sub.add_parser("train-classifier", help="train a noise-aware classifier p(y|x_t) for classifier guidance",
                        description="Train a time-conditioned classifier on noisy inputs x_t = abar_t x_0 + "
@@ -308,18 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mid and noisy t-ranges.", epilog=EPILOG)
     _add_train_common(p, steps=1000, lr=1e-3, channels="32,64", blocks=1)
     p.add_argument("--t-max", type=_pos_int, default=None, help="train only on t < T_MAX (default T)")
-    p.set_defaults(func=cmd_train_classifier)
+    p.set_defaults(func=cmd_train_classifier, distributed=True)
+
+    add_train_encoder_parser(sub, _add_train_common, EPILOG)  # similarity encoders (eq 15)
 
     p = sub.add_parser("sample", help="sample a grid, unguided or guided (classifier, classifier-free)",
                        description="Sample images from an eps-model checkpoint. Classifier guidance: "
                                    "--classifier CKPT --class NAME --scale GAMMA (eqs 6-8, 19). Classifier-free "
                                    "guidance: --class NAME --cfg-w W (eq 24; diffusers' guidance_scale is "
-                                   "s = 1 + w, use --cfg-scale S for that convention). Both combine.",
+                                   "s = 1 + w, use --cfg-scale S for that convention). Similarity guidance "
+                                   "(eqs 11-15): --text, --image/--image-index, --style with their encoders. "
+                                   "All combine.",
                        epilog=EPILOG)
-    p.add_argument("--ckpt", required=True, help="eps-model checkpoint folder or run folder")
+    p.add_argument("--ckpt", default=None, help="eps-model checkpoint folder or run folder")
+    p.add_argument("--diffusers-model", default=None, metavar="DIR",
+                   help="instead of --ckpt: a local diffusers folder with an unconditional UNet2DModel and its "
+                        "scheduler config (epsilon prediction), guided with --classifier; needs condiff[diffusers]")
     p.add_argument("--class", dest="classes", action="append", default=[],
                    help="class name (case-insensitive) or index; repeat for one grid row per class")
-    p.add_argument("--n", type=_pos_int, default=8, help="samples per class (per grid row; default 8)")
+    p.add_argument("--n", "--per-class", dest="n", type=int_range(1, 100_000), default=8,
+                   help="samples per class (per grid row; default 8); under torchrun write --per-class, "
+                        "since torchrun's own parser rejects --n as ambiguous")
     p.add_argument("--classifier", default=None, help="noise-aware classifier checkpoint for classifier guidance")
     p.add_argument("--scale", type=_nonneg_float, default=1.0, help="classifier guidance scale gamma (default 1)")
     p.add_argument("--form", choices=["score", "mean"], default="score",
@@ -331,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the sharpened classifier softmax(gamma*logits) of eqs 9-10 instead of gamma*grad")
     p.add_argument("--cfg-w", type=_nonneg_float, default=None,
                    help="classifier-free weight w of eq 24: (1+w) eps(x,y) - w eps(x,phi); 0 = plain conditional")
-    p.add_argument("--cfg-scale", type=float, default=None,
+    p.add_argument("--cfg-scale", type=finite_float, default=None,
                    help="the same in diffusers' convention: guidance_scale s = 1 + w (s >= 1)")
     p.add_argument("--cfg-interval", type=_interval, default=None,
                    help="apply CFG only for timesteps LO<=t<=HI (Kynkaanniemi et al. 2024), e.g. 100,800")
@@ -344,14 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta; 0 is deterministic (default 0)")
     p.add_argument("--variance", choices=["ddpm", "ddpm-beta"], default="ddpm",
                    help="DDPM reverse variance: posterior (ddpm) or beta_t^2 (ddpm-beta)")
-    p.add_argument("--clip-x0", type=_nonneg_float, default=None, help="clamp predicted x_0 to [-C, C]")
-    p.add_argument("--batch-size", type=_pos_int, default=256, help="images per batch (default 256)")
+    p.add_argument("--clip-x0", type=_nonneg_float, default=1.0,
+                   help="clamp the predicted x_0 to [-C, C] at every step (default 1, the data range; 0 = off)")
+    p.add_argument("--batch-size", type=_pos_int, default=256,
+                   help="images per batch; under torchrun whole batches are split across processes (default 256)")
     p.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
     p.add_argument("--npz", default=None, help="also save the samples (uint8) and labels to this .npz")
-    p.add_argument("--trust-pickle", action="store_true", help="allow pickle-based checkpoints (runs code!)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="also read .pt/.pth/.bin state dicts (next to a config.json; diffusers .bin weights), "
+                        "with torch.load(weights_only=True): tensors only, never full unpickling")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_similarity_sample_args(p)
+    _add_accel(p)
     _add_common(p)
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=cmd_sample, distributed=True)
 
     p = sub.add_parser("demo", help="every guidance method side by side on the shipped models (index.html)",
                        description="Sample unguided, classifier-guided (several gamma) and classifier-free "
@@ -372,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(config.json, model.safetensors, README.md model card).", epilog=EPILOG)
     p.add_argument("--ckpt", required=True, help="run folder or checkpoint folder")
     p.add_argument("--out", required=True, help="destination folder")
-    p.add_argument("--command", default="", help="the training command, recorded in the model card")
+    p.add_argument("--command", dest="train_command", default="",  # not dest=command: that names the subcommand
+                   help="the training command, recorded in the model card")
     p.set_defaults(func=cmd_export)
 
     from .cli_eval import register as register_eval  # train-judge, evaluate, sweep
@@ -388,12 +441,22 @@ def main(argv=None) -> int:
         import torch
 
         torch.manual_seed(getattr(args, "seed", 0))
-        return args.func(args)
+        from .distributed import launch
+
+        # under torchrun: one process group around the command (NCCL on CUDA, gloo on CPU)
+        with launch(getattr(args, "device", "cpu"), args.command, getattr(args, "distributed", False)):
+            return args.func(args)
     except CondiffError as e:
-        print(f"condiff {args.command}: error: {e}", file=sys.stderr)
+        print(f"condiff {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        print(f"condiff {args.command}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        print(f"condiff {args.command}: error: {one_line(f'{e.strerror or e}: {e.filename}')}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError, RuntimeError) as e:  # a full disk, no memory: one line; anything else is a bug
+        message = describe_unexpected(e)
+        if message is None:
+            raise
+        print(f"condiff {args.command}: error: {one_line(message)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"condiff {args.command}: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 __all__ = ["ImageDataset", "FASHION_MNIST_CLASSES", "load_fashion_mnist", "load_image_folder", "load_npz",
            "load_dataset", "resolve_class", "read_idx"]
@@ -65,6 +66,8 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x.float().div(127.5).sub(1.0).contiguous()
     x = x.float()
+    if not torch.isfinite(x).all():
+        raise CondiffError("images contain NaN or infinite values")
     if x.min() >= 0 and x.max() <= 1:
         x = x * 2 - 1
     return x.clamp(-1, 1).contiguous()
@@ -145,12 +148,20 @@ def load_npz(path: str | Path) -> ImageDataset:
             names = [str(s) for s in z["class_names"]] if "class_names" in z else []
     except CondiffError:
         raise
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise CondiffError(f"{path}: cannot read .npz ({e})") from None
     if len(labels) != len(images):
         raise CondiffError(f"{path}: {len(images)} images but {len(labels)} labels")
     if len(images) == 0:
         raise CondiffError(f"{path}: no images")
+    labels = np.asarray(labels)
+    integral = np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_) or (
+        np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and (labels == np.round(labels)).all())
+    if labels.ndim != 1 or not integral:
+        raise CondiffError(f"{path}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if labels.min() < 0 or (names and labels.max() >= len(names)):
+        raise CondiffError(f"{path}: labels must lie in [0, {len(names) - 1 if names else 'N'}], "
+                           f"got {labels.min()}..{labels.max()}")
     return ImageDataset(to_unit(images), torch.from_numpy(np.asarray(labels, dtype=np.int64)), names)
 
 

@@ -48,8 +48,9 @@ def _section(out: Path, rows: list, name: str, title: str, method: str, scale, x
 def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
     """Sample every section of the demo into ``out``; returns the index.html path."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     model, schedule, config = load_diffusion(cfg.diffusion, cfg.device)
+    clf = load_classifier(cfg.classifier, cfg.device)[0] if cfg.classifier is not None else None
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a failed demo writes nothing
     names = config.get("class_names") or [str(i) for i in range(model.num_classes or 0)]
     shape = tuple(config["image_shape"])
     classes = cfg.classes or ((0, 1, 7, 8, 9) if len(names) >= 10 else tuple(range(min(len(names), 5))))
@@ -72,8 +73,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
         x, dt = run(eps, cond=y)
         _section(out, rows, f"cfg-w{w:g}", f"Classifier-free guidance, w = {w:g} (s = {1 + w:g})",
                  "classifier-free (eq 24)", w, x, labels, cfg.per_class, dt)
-    if cfg.classifier is not None:
-        clf, _ = load_classifier(cfg.classifier, cfg.device)
+    if clf is not None:
         for gamma in cfg.classifier_scales:
             eps, _ = guided_model(model, schedule, unconditional=True, terms=[ClassifierTerm(clf, y, gamma)])
             x, dt = run(eps)

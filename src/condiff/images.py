@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,23 @@ def load_image(path: str | Path, size: int, channels: int = 1) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise CondiffError(f"image not found: {path}")
+    if not 1 <= size <= 4096:
+        raise CondiffError(f"image size must lie in [1, 4096], got {size}")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise CondiffError(f"{path}: image too large ({im.width}x{im.height})")
-            im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # one error line, not a warning
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise CondiffError(f"{path}: image too large ({im.width}x{im.height})")
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit: scale to 8 bits, do not clip
+                    im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
     except CondiffError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CondiffError(f"{path}: image too large (over {MAX_PIXELS} pixels)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise CondiffError(f"{path}: not a readable image ({type(e).__name__})") from None
     x = torch.from_numpy(arr.copy()).float().div(127.5).sub(1.0)
     return x[None] if x.dim() == 2 else x.permute(2, 0, 1)
@@ -62,8 +71,11 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, upscal
     if upscale > 1:
         im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        im.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed
     return path
 
 
@@ -76,6 +88,9 @@ def save_npz(path: str | Path, images: torch.Tensor, labels=None, **extra) -> Pa
     if labels is not None:
         arrays["labels"] = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
     arrays.update({k: np.asarray(v) for k, v in extra.items()})
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed
     return path

@@ -30,10 +30,12 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise CondiffError(f"unknown device {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CondiffError("device cuda requested but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CondiffError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} cuda device(s)")
     if dev.type not in ("cpu", "cuda"):
         raise CondiffError(f"unsupported device {name!r} (use cpu or cuda)")
     return dev
@@ -93,13 +95,18 @@ def guided_model(model, schedule: Schedule, *, cfg_w: float | None = None, cfg_i
 
 def generate(model, schedule: Schedule, n: int, *, shape: Sequence[int], cond=None, sampler: str = "ddim",
              steps: int | Sequence[int] | None = 50, eta: float = 0.0, variance: str = "ddpm",
-             mean_shift=None, seed: int = 0, batch_size: int = 256, device="cpu", clip_x0: float | None = None,
+             mean_shift=None, seed: int = 0, batch_size: int = 256, device="cpu", clip_x0: float | None = 1.0,
              progress: bool = False, start: int = 0) -> torch.Tensor:
     """Sample ``n`` images of ``shape`` (C, H, W) in batches.
 
     Batch b (of ``batch_size``) draws x_T and its step noise from a generator seeded
     by (seed, b), so any split of the batches (e.g. across ranks, via ``start``)
     gives the same images.  ``cond`` is None, an int, or a (n,) tensor.
+
+    ``clip_x0`` (default 1) clamps the predicted x_0 to the data range [-1, 1] at
+    every step; 0 or None turns it off.  Without it, the first steps of a schedule
+    whose abar_{T-1} is tiny (cosine: 5e-5) amplify small eps errors into saturated
+    pixels.
     """
     if n < 1:
         raise CondiffError(f"number of samples must be >= 1, got {n}")
@@ -126,5 +133,5 @@ def generate(model, schedule: Schedule, n: int, *, shape: Sequence[int], cond=No
         x = noise((batch_size, *shape), g)[lo - b * batch_size:hi - b * batch_size].to(device)
         c = cond[lo - start:hi - start].to(device) if cond is not None else None
         out.append(sample(model, x, schedule, steps, variance=kind, eta=eta, cond=c, generator=g,
-                          mean_shift=mean_shift, clip_x0=clip_x0, progress=progress).cpu())
+                          mean_shift=mean_shift, clip_x0=clip_x0 or None, progress=progress).cpu())
     return torch.cat(out)

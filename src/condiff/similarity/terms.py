@@ -1,0 +1,220 @@
+"""Similarity guidance terms (eqs 11-15): image, text and style.
+
+Each term is a :class:`~condiff.guidance.SimilarityTerm` whose ``sim(x_t, t) -> (B,)``
+is one of the article's similarities; the gradient, its scale gamma and the
+factors sigma_t^2 (mean shift, eq 14) or bbar_t (score form, eq 19) all come from
+:mod:`condiff.guidance`, so every term works with :class:`MeanShift` and
+:class:`ScoreGuided`, on every sampler, and terms with separate scales add up.
+
+* :class:`ImageSimilarity`  sim = cos(E1(x_t, t), E2(y)) for a reference image y (eq 15);
+* :class:`TextSimilarity`   sim = cos(proj(E1(x_t, t)), E_text(prompt)) (eq 15, y a text);
+* :class:`StyleSimilarity`  sim = -sum_l ||G^_l(x_t) - G^_l(style)||^2, unit-norm Gram matrices G^ of
+  encoder feature maps (the article's remark under eq 15 on style transfer).
+
+Any other differentiable ``sim(x_t, t) -> (B,)`` is a term as it is:
+``SimilarityTerm(sim, scale)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CondiffError
+from ..guidance import SimilarityTerm
+from ..schedule import Schedule
+
+__all__ = ["EmbeddingSimilarity", "ImageSimilarity", "TextSimilarity", "StyleSimilarity", "gram",
+           "gram_distance", "cosine", "load_encoder"]
+
+Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine of (B, D) and (B or 1, D) embeddings, (B,) (eq 15), in float32 or wider."""
+    a = _at_least_f32(a)
+    return F.cosine_similarity(a, b.to(a.device, a.dtype), dim=-1, eps=1e-8)
+
+
+def _batched(image: torch.Tensor) -> torch.Tensor:
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4:
+        raise CondiffError(f"a reference image must have shape (C, H, W) or (B, C, H, W), got {tuple(image.shape)}")
+    return image
+
+
+class EmbeddingSimilarity(SimilarityTerm):
+    """sim(x_t, y) = cos(E1(x_t, t), e_y) for a fixed condition embedding e_y = E2(y) (eq 15).
+
+    Args:
+        e1: the noise-aware encoder, ``e1(x_t, t) -> (B, D)``.
+        target: e_y, (D,), (1, D) or (B, D) (one condition per sample).
+        scale: gamma (eq 14).
+    """
+
+    def __init__(self, e1: Embed, target: torch.Tensor, scale: float = 1.0, name: str = "similarity"):
+        target = _at_least_f32(torch.as_tensor(target).detach())
+        self.target = target[None] if target.dim() == 1 else target
+        if self.target.dim() != 2:
+            raise CondiffError(f"a {name} embedding must have shape (D,) or (B, D), got {tuple(target.shape)}")
+        self.e1 = e1
+        super().__init__(self.similarity, scale, name=name)
+
+    def similarity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """cos(E1(x_t, t), e_y), (B,)."""
+        return cosine(self.e1(x, t), self.target)
+
+
+class ImageSimilarity(EmbeddingSimilarity):
+    """Image guidance: sim(x_t, y) = cos(E1(x_t, t), E2(y)) for a reference image y (eq 15).
+
+    Args:
+        e1: noise-aware encoder ``e1(x_t, t) -> (B, D)``.
+        e2: clean encoder ``e2(y) -> (B, D)`` of the same embedding space.
+        reference: (C, H, W) or (B, C, H, W) images in [-1, 1], at the model's size.
+    """
+
+    def __init__(self, e1: Embed, e2: Callable[[torch.Tensor], torch.Tensor], reference: torch.Tensor,
+                 scale: float = 1.0):
+        with torch.no_grad():
+            target = e2(_batched(reference))
+        super().__init__(e1, target, scale, name="image")
+
+    @classmethod
+    def from_encoder(cls, encoder, reference: torch.Tensor, scale: float = 1.0) -> "ImageSimilarity":
+        """From a :class:`~condiff.nets.SimilarityEncoder` with its E1 and E2."""
+        ref = _batched(reference).to(next(encoder.parameters()).device)
+        return cls(lambda x, t: encoder(x, t, "e1"), lambda y: encoder(y, None, "e2"), ref, scale)
+
+
+class TextSimilarity(EmbeddingSimilarity):
+    """Text guidance: sim(x_t, prompt) = cos(proj(E1(x_t, t)), E_text(prompt)) (eq 15).
+
+    Args:
+        image_side: ``f(x_t, t) -> (B, D_text)``, E1 followed by its projection.
+        text_embedding: E_text(prompt), (D_text,) or (B, D_text).
+    """
+
+    def __init__(self, image_side: Embed, text_embedding: torch.Tensor, scale: float = 1.0):
+        super().__init__(image_side, text_embedding, scale, name="text")
+
+    @classmethod
+    def from_prompt(cls, encoder, prompt: str | Sequence[str], scale: float = 1.0,
+                    text_encoder=None) -> "TextSimilarity":
+        """From a text-aligned :class:`~condiff.nets.SimilarityEncoder` and a prompt (or one per sample)."""
+        from .text import load_text_encoder
+
+        if encoder.proj is None:
+            raise CondiffError("this encoder was not trained for text (train it with --kind text)")
+        text_encoder = text_encoder or load_text_encoder("cpu")
+        if text_encoder.dim != encoder.text_dim:
+            raise CondiffError(f"the encoder expects {encoder.text_dim}-d text embeddings, "
+                               f"the text encoder gives {text_encoder.dim}-d")
+        emb = text_encoder.encode(prompt)
+        return cls(lambda x, t: encoder(x, t, "text"), emb, scale)
+
+
+def gram(f: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of feature maps (B, C, H, W) -> (B, C, C), normalised by C*H*W."""
+    B, C, H, W = f.shape
+    v = _at_least_f32(f).reshape(B, C, H * W)
+    return v @ v.transpose(1, 2) / (C * H * W)
+
+
+def gram_distance(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_l ||G^_l(a) - G^_l(b)||_F^2 with G^ = G / ||G||_F the unit-norm Gram matrix, (B,).
+
+    Each level contributes 2 - 2 cos(G_l(a), G_l(b)), in [0, 4]: like eq 15's cosine
+    the distance ignores the overall feature scale, so its gradient shrinks rather
+    than grows when x_t is large (an unnormalised Gram distance is quartic in the
+    features and makes score-form guidance diverge where abar_t is small), and one
+    style scale gamma suits encoders of any feature scale.
+    """
+    total = 0.0
+    for fa, fb in zip(feats_a, feats_b, strict=True):
+        ga, gb = gram(fa).flatten(1), gram(fb).to(fa.device).flatten(1)
+        ga = ga / ga.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        gb = gb / gb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        total = total + (ga - gb).pow(2).sum(1)
+    return total
+
+
+class StyleSimilarity(SimilarityTerm):
+    """Style guidance: sim(x_t, s) = -sum_l ||G^_l(x_t, t) - G^_l(s_t, t)||^2 (eq 15's remark on style).
+
+    G^_l are the unit-norm Gram matrices (:func:`gram_distance`) of the feature maps
+    ``features(x, t)`` of a noise-aware encoder (E1).  With a ``schedule`` the style image s is compared at the noise
+    level of x_t: s_t = abar_t s + bbar_t eps with one fixed eps (seeded), so both
+    Gram matrices carry the same noise statistics; without one, the target is the
+    clean style image's features at t = 0.
+
+    Args:
+        features: ``features(x, t) -> list of (B, C_l, H_l, W_l)``.
+        style: (C, H, W) or (1, C, H, W) image in [-1, 1].
+        scale: gamma (eq 14).
+        schedule: the diffusion model's schedule, or None.
+        seed: seed of the fixed eps of s_t.
+    """
+
+    def __init__(self, features: Callable[[torch.Tensor, torch.Tensor], list], style: torch.Tensor,
+                 scale: float = 1.0, schedule: Schedule | None = None, seed: int = 0):
+        style = _batched(style).detach()
+        if style.shape[0] != 1:
+            raise CondiffError("style guidance takes one style image")
+        self.features, self.style, self.schedule = features, style, schedule
+        self.eps = torch.randn(style.shape, generator=torch.Generator().manual_seed(seed)).to(style)
+        self._targets: dict[int, list[torch.Tensor]] = {}
+        super().__init__(self.similarity, scale, name="style")
+
+    @torch.no_grad()
+    def target(self, t: int) -> list[torch.Tensor]:
+        """Feature maps (1, C_l, H_l, W_l) of the style image at timestep t (memoised)."""
+        if t not in self._targets:
+            tt = torch.full((1,), t if self.schedule is not None else 0, dtype=torch.long, device=self.style.device)
+            s = self.schedule.add_noise(self.style, tt, self.eps) if self.schedule is not None else self.style
+            self._targets[t] = [f.detach() for f in self.features(s, tt)]
+        return self._targets[t]
+
+    def similarity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """-gram_distance(features of x_t, features of s_t), (B,)."""
+        t = torch.as_tensor(t, device=x.device).long().expand(x.shape[0])
+        feats = self.features(x, t)
+        dist = x.new_zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
+        for tv in t.unique().tolist():  # samplers pass one t per batch; mixed t works too
+            idx = (t == tv).nonzero()[:, 0]
+            dist = dist.index_put((idx,), gram_distance([f[idx] for f in feats], self.target(tv)))
+        return -dist
+
+    @classmethod
+    def from_encoder(cls, encoder, style: torch.Tensor, scale: float = 1.0, schedule: Schedule | None = None,
+                     seed: int = 0) -> "StyleSimilarity":
+        """From any encoder with ``features(x, t)`` (a SimilarityEncoder's E1, or an EncoderNet)."""
+        style = _batched(style).to(next(encoder.parameters()).device)
+        return cls(encoder.features, style, scale, schedule, seed)
+
+
+ENCODER_TASKS = {"image": "encoder", "text": "text-encoder"}
+
+
+def load_encoder(path, kind: str | None = None, device="cpu", trust_pickle: bool = False):
+    """Load a similarity-encoder checkpoint of ``kind`` "image", "text" or None (either): (encoder, config)."""
+    from ..checkpoints import load_model
+
+    if kind is not None and kind not in ENCODER_TASKS:
+        raise CondiffError(f"encoder kind must be image or text, got {kind!r}")
+    model, config = load_model(path, device, trust_pickle)
+    wanted = [ENCODER_TASKS[kind]] if kind else list(ENCODER_TASKS.values())
+    if config.get("task") not in wanted:
+        raise CondiffError(f"{path}: not {'an' if kind == 'image' else 'a'} {kind or 'similarity'} encoder "
+                           f"checkpoint (task {config.get('task')!r}; train one with condiff train-encoder "
+                           f"--kind {kind or 'image'})")
+    for p in model.parameters():  # guidance differentiates with respect to x only
+        p.requires_grad_(False)
+    return model, config

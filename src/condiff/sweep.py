@@ -1,0 +1,345 @@
+"""Guidance-scale sweeps: sample at each scale, evaluate, write tables, a plot and grids.
+
+The article's claim (eqs 8-10, 24): a larger scale makes samples more relevant to
+the condition and less diverse.  :func:`run_sweep` measures it for one guidance
+family: the same initial noise at every scale (paired samples), the same real
+reference sets (:class:`~condiff.evaluation.Evaluator`), and writes
+
+    results.json, results.csv, results.md   one row per scale plus the real-data floor
+    sweep.png                               judge accuracy and FID_fm against scale; precision against recall
+    grid-scale-S.png                        up to 10 samples per class, one row per class
+    samples-scale-S.npz                     the samples (uint8), labels, settings; reused when settings match
+
+Guidance families are entries of :data:`METHODS`: a function
+``builder(ctx, scale, labels) -> (model, cond, terms)`` that, for the target classes
+``labels`` (B,) of one sampling batch, returns the eps-model to sample, the
+condition passed to it (or None) and the gradient terms (classifier, similarity)
+applied in score form (eq 19) or as a mean shift (eq 6).  Another module adds a
+family with ``METHODS["text"] = builder`` (or by defining ``SWEEP_METHODS`` in
+``condiff.similarity``, which is looked up when a method is not found here).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .checkpoints import atomic_write_text
+from .errors import CondiffError
+from .guidance import ClassifierFree, ClassifierTerm, GradientTerm, NullBranch
+from .images import save_grid, save_npz
+from .pipeline import generate, guided_model, load_classifier
+from .plots import Panel, Series, save_panels
+from .schedule import Schedule
+
+__all__ = ["SweepContext", "METHODS", "get_method", "sweep_labels", "sample_at_scale", "run_sweep",
+           "write_tables", "run_sweep_cli"]
+
+#: Scale meaning per method, for table headers.
+SCALE_NAMES = {"classifier": "gamma (eq 8)", "cfg": "w (eq 24; diffusers' guidance_scale = 1 + w)"}
+
+
+@dataclass
+class SweepContext:
+    """What a method builder may use: the loaded model and everything around it.
+
+    ``options`` holds method options (e.g. ``classifier``: a checkpoint path;
+    from ``condiff sweep --classifier`` and ``--option KEY=VALUE``); ``cache`` is
+    where a builder keeps networks it loaded, so they load once per sweep.
+    """
+
+    model: Callable
+    schedule: Schedule
+    shape: tuple[int, int, int]
+    class_names: list[str]
+    device: torch.device | str = "cpu"
+    options: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def conditional(self) -> bool:
+        return bool(getattr(self.model, "conditional", False))
+
+
+Builder = Callable[[SweepContext, float, torch.Tensor], tuple[Callable, object, list[GradientTerm]]]
+
+
+def _classifier_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
+    """Classifier guidance (eqs 6-8, 19) with scale gamma on the unconditional model (or the null branch)."""
+    if "classifier" not in ctx.cache:
+        path = ctx.options.get("classifier")
+        if not path:
+            raise CondiffError("method classifier needs a noise-aware classifier (--classifier CKPT)")
+        clf, cconf = load_classifier(path, ctx.device)
+        names = cconf.get("class_names") or []
+        if names and ctx.class_names and names != ctx.class_names:
+            raise CondiffError(f"{path}: the classifier's classes differ from the model's")
+        ctx.cache["classifier"] = clf
+    sharpen = str(ctx.options.get("sharpen", "")).lower() in ("1", "true", "yes")
+    eps = NullBranch(ctx.model) if ctx.conditional else ctx.model
+    return eps, None, [ClassifierTerm(ctx.cache["classifier"], labels, scale, sharpen=sharpen)]
+
+
+def _cfg_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
+    """Classifier-free guidance (eq 24) with the article's weight w = scale."""
+    if not ctx.conditional:
+        raise CondiffError("method cfg needs a conditional model trained with a null condition")
+    return ClassifierFree(ctx.model, scale), labels, []
+
+
+METHODS: dict[str, Builder] = {"classifier": _classifier_method, "cfg": _cfg_method}
+
+
+def get_method(name: str) -> Builder:
+    """The builder of a method: from :data:`METHODS`, else ``condiff.similarity.SWEEP_METHODS``."""
+    if name in METHODS:
+        return METHODS[name]
+    try:
+        from . import similarity  # noqa: F401  (optional module of the similarity family)
+
+        extra = dict(getattr(similarity, "SWEEP_METHODS", {}))
+    except ImportError:
+        extra = {}
+    if name in extra:
+        return extra[name]
+    raise CondiffError(f"unknown sweep method {name!r} (known: {', '.join(sorted(set(METHODS) | set(extra)))})")
+
+
+def sweep_labels(n: int, classes: list[int]) -> torch.Tensor:
+    """Target classes of n samples, cycling through ``classes`` (balanced to within one)."""
+    if not classes:
+        raise CondiffError("a sweep needs at least one class")
+    return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long)
+
+
+def sample_at_scale(ctx: SweepContext, builder: Builder, scale: float, labels: torch.Tensor, *, steps=50,
+                    sampler: str = "ddim", eta: float = 0.0, form: str = "score", seed: int = 0,
+                    batch_size: int = 250, progress: bool = False) -> torch.Tensor:
+    """Samples (N, C, H, W) for ``labels`` at one scale; batch b uses the noise of seed (seed, b) at every scale."""
+    out = []
+    n = len(labels)
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        y = labels[lo:hi].to(ctx.device)
+        model, cond, terms = builder(ctx, scale, y)
+        eps, shift = guided_model(model, ctx.schedule, terms=terms, form=form)
+        out.append(generate(eps, ctx.schedule, hi - lo, shape=ctx.shape, cond=cond, sampler=sampler, steps=steps,
+                            eta=eta, mean_shift=shift, seed=seed, batch_size=batch_size, device=ctx.device,
+                            start=lo, progress=progress))
+    return torch.cat(out)
+
+
+def _tag(scale: float) -> str:
+    return f"{scale:g}"
+
+
+def _load_cached(path: Path, meta: str):
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z or str(z["meta"]) != meta:
+                return None
+            return torch.from_numpy(z["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0), \
+                float(z["seconds"])
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
+def _grid_indices(labels: torch.Tensor, classes: list[int], per_class: int = 10) -> tuple[torch.Tensor, int]:
+    rows = [torch.nonzero(labels == c).flatten()[:per_class] for c in classes]
+    k = min(len(r) for r in rows)
+    return torch.cat([r[:k] for r in rows]), k
+
+
+def run_sweep(ctx: SweepContext, method: str, scales: list[float], n: int, out_dir: str | Path, evaluator, *,
+              classes: list[int] | None = None, steps=50, sampler: str = "ddim", eta: float = 0.0,
+              form: str = "score", seed: int = 0, batch_size: int = 250, progress: bool = False,
+              source: str = "", log: Callable[[str], None] | None = None) -> dict:
+    """Sample ``n`` images at each scale with ``method``, evaluate each set, write every output file.
+
+    Args:
+        ctx: the model and its surroundings (:class:`SweepContext`).
+        method: a key of :data:`METHODS` (or of ``condiff.similarity.SWEEP_METHODS``).
+        scales: the scales to visit (gamma for classifier guidance, w for CFG).
+        n: samples per scale, balanced over ``classes`` (default: all of the model's classes).
+        evaluator: a :class:`~condiff.evaluation.Evaluator` (judge + real data).
+        source: the model's checkpoint folder, recorded in the outputs; with the settings it keys the
+            samples reused by a rerun (so give the resolved step-N folder, not a run folder).
+    Returns:
+        the dict written to results.json (``settings``, ``rows``, ``real``).
+    """
+    builder = get_method(method)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = list(range(len(ctx.class_names))) if classes is None else list(classes)
+    labels = sweep_labels(n, classes)
+    if n < 2 * len(classes) or n <= max(evaluator.k_pr, evaluator.k_dc):
+        raise CondiffError(f"--n {n} is too small: need at least 2 samples per class and more than "
+                           f"{max(evaluator.k_pr, evaluator.k_dc)} in all")
+    settings = {"method": method, "n": n, "classes": [ctx.class_names[c] for c in classes], "steps": steps,
+                "sampler": sampler, "eta": eta, "form": form, "seed": seed, "model": source,
+                "options": {k: str(v) for k, v in sorted(ctx.options.items())}}
+    rows = []
+    for scale in scales:
+        tag = _tag(scale)
+        meta = json.dumps(dict(settings, scale=scale), sort_keys=True)
+        npz = out / f"samples-scale-{tag}.npz"
+        cached = _load_cached(npz, meta)
+        if cached is not None:
+            x, seconds = cached
+        else:
+            t0 = time.perf_counter()
+            x = sample_at_scale(ctx, builder, scale, labels, steps=steps, sampler=sampler, eta=eta, form=form,
+                                seed=seed, batch_size=batch_size, progress=progress)
+            seconds = time.perf_counter() - t0
+            save_npz(npz, x, labels, meta=np.array(meta), seconds=np.array(seconds),
+                     class_names=np.array(ctx.class_names))
+            x = _load_cached(npz, meta)[0]  # evaluate the stored uint8 images, as a rerun would
+        idx, k = _grid_indices(labels, classes)
+        save_grid(x[idx], out / f"grid-scale-{tag}.png", nrow=k)
+        metrics = evaluator.evaluate(x, labels)
+        rows.append(dict(scale=scale, seconds=seconds, seconds_per_image=seconds / n, **metrics))
+        if log:
+            log(f"scale {tag}: judge accuracy {metrics['judge_accuracy']:.3f}, FID_fm {metrics['fid_fm']:.2f}, "
+                f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, "
+                f"diversity {metrics['diversity']:.3f} ({seconds:.0f} s sampling)")
+    result = {"settings": settings, "rows": rows}
+    write_tables(result, out)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- outputs
+CSV_COLUMNS = ["scale", "judge_accuracy", "judge_confidence", "fid_fm", "fid_fm_floor", "precision", "recall",
+               "density", "coverage", "diversity", "diversity_real", "diversity_ratio", "seconds_per_image"]
+
+
+def _real(row: dict) -> dict:
+    """The real-data floor of a row (training images with the samples' class counts)."""
+    return {"judge_accuracy": row["judge_accuracy_real"], "judge_confidence": row["judge_confidence_real"],
+            "fid_fm": row["fid_fm_floor"], "diversity": row["diversity_real"], **row["real"]}
+
+
+def _f(v, spec=".3f") -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def write_tables(result: dict, out_dir: str | Path) -> list[Path]:
+    """results.json, results.csv, results.md and sweep.png from :func:`run_sweep`'s result."""
+    from .evaluation import to_json
+
+    out = Path(out_dir)
+    rows, st = result["rows"], result["settings"]
+    classes = st["classes"]
+    atomic_write_text(out / "results.json", to_json(result))
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS + [f"{k}_real" for k in ("precision", "recall", "density", "coverage")]
+               + [f"judge_accuracy[{c}]" for c in classes])
+    for r in rows:
+        w.writerow([_f(r.get(k), ".6g") for k in CSV_COLUMNS]
+                   + [_f(r["real"][k], ".6g") for k in ("precision", "recall", "density", "coverage")]
+                   + [_f(r["per_class"].get(c, {}).get("judge_accuracy"), ".6g") for c in classes])
+    atomic_write_text(out / "results.csv", buf.getvalue())
+
+    scale_name = SCALE_NAMES.get(st["method"], "scale")
+    md = [f"# Guidance sweep: method `{st['method']}`", "",
+          f"Scale: {scale_name}. Model: `{st['model']}`. {st['n']} samples per scale, balanced over "
+          f"{len(classes)} classes; sampler {st['sampler']}, {st['steps']} steps, eta {st['eta']}, "
+          f"guidance form {st['form']}, seed {st['seed']} (the same initial noise at every scale).", "",
+          "Judge = an independent clean-image CNN (not the guiding classifier). FID_fm is the Frechet distance "
+          "in the judge's feature space against every held-out image of the classes; precision/recall "
+          "(k=3), density/coverage (k=5) against as many held-out images per class as samples. "
+          "Diversity: mean pairwise feature distance within a class. The *real data* row scores training "
+          "images with the same class counts (the judge columns: held-out images, which the judge never saw): "
+          "the floor of each column.", "",
+          "| scale | judge acc | judge conf | FID_fm | precision | recall | density | coverage | diversity "
+          "| div / real | s / image |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['scale']:g} | {_f(r['judge_accuracy'])} | {_f(r['judge_confidence'])} "
+                  f"| {_f(r['fid_fm'], '.2f')} | {_f(r['precision'])} | {_f(r['recall'])} | {_f(r['density'])} "
+                  f"| {_f(r['coverage'])} | {_f(r['diversity'], '.2f')} | {_f(r['diversity_ratio'], '.2f')} "
+                  f"| {_f(r['seconds_per_image'], '.3f')} |")
+    if rows:
+        f = _real(rows[0])
+        md.append(f"| real data | {_f(f['judge_accuracy'])} | {_f(f['judge_confidence'])} | {_f(f['fid_fm'], '.2f')} "
+                  f"| {_f(f['precision'])} | {_f(f['recall'])} | {_f(f['density'])} | {_f(f['coverage'])} "
+                  f"| {_f(f['diversity'], '.2f')} | 1.00 | |")
+        md += ["", "Per-class judge accuracy:", "",
+               "| scale | " + " | ".join(classes) + " |", "|---:|" + "---:|" * len(classes)]
+        for r in rows:
+            md.append(f"| {r['scale']:g} | " + " | ".join(_f(r["per_class"].get(c, {}).get("judge_accuracy"), ".2f")
+                                                      for c in classes) + " |")
+        md.append("| real data | " + " | ".join(_f(rows[0]["per_class"].get(c, {}).get("judge_accuracy_real"), ".2f")
+                                                for c in classes) + " |")
+    md += ["", "Files: `results.csv`, `results.json`, `sweep.png`, `grid-scale-S.png` (one row per class), "
+               "`samples-scale-S.npz`.", ""]
+    atomic_write_text(out / "results.md", "\n".join(md))
+
+    scales = [r["scale"] for r in rows]
+    real = _real(rows[0]) if rows else {}
+    panels = [
+        Panel("judge accuracy vs scale", f"scale ({st['method']})", "judge accuracy",
+              [Series(scales, [r["judge_accuracy"] for r in rows], "samples"),
+               Series(scales, [real.get("judge_accuracy")] * len(rows), "real data", dashed=True)],
+              yrange=(0.0, 1.0)),
+        Panel("FID_fm vs scale", f"scale ({st['method']})", "FID_fm",
+              [Series(scales, [r["fid_fm"] for r in rows], "samples"),
+               Series(scales, [real.get("fid_fm")] * len(rows), "real floor", dashed=True)]),
+        Panel("precision vs recall", "recall", "precision",
+              [Series([r["recall"] for r in rows], [r["precision"] for r in rows], "samples",
+                      point_labels=[f"{s:g}" for s in scales]),
+               Series([real.get("recall")], [real.get("precision")], "real data", line=False)],
+              xrange=(0.0, 1.0), yrange=(0.0, 1.0)),
+    ]
+    save_panels(panels, out / "sweep.png")
+    return [out / n for n in ("results.json", "results.csv", "results.md", "sweep.png")]
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def run_sweep_cli(args, device) -> int:
+    """``condiff sweep``: load the model, judge and real data, run the sweep, print the table."""
+    from .checkpoints import resolve_checkpoint
+    from .data import resolve_class
+    from .evaluation import Evaluator, load_judge, load_real_data
+    from .pipeline import load_diffusion
+    from .schedule import respace
+
+    get_method(args.method)  # unknown method: fail before loading anything
+    model, schedule, config = load_diffusion(args.ckpt, device)
+    respace(schedule, args.steps)
+    shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
+    names = config.get("class_names") or []
+    judge, jconf = load_judge(args.judge, device)
+    jshape = tuple(jconf.get("image_shape") or (judge.in_channels, judge.image_size, judge.image_size))
+    if jshape != shape:
+        raise CondiffError(f"the model makes {'x'.join(map(str, shape))} images, the judge takes "
+                           f"{'x'.join(map(str, jshape))}")
+    jnames = jconf.get("class_names") or []
+    if names and jnames and names != jnames:
+        raise CondiffError("the judge's classes differ from the model's")
+    names = names or jnames
+    classes = [resolve_class(c, names) for c in args.classes] if args.classes else None
+    options = dict(args.options)
+    if args.classifier:  # the resolved step-N folder: cached samples are keyed by it
+        options["classifier"] = str(resolve_checkpoint(args.classifier))
+    train_data, test_data = load_real_data(args.data if args.data is not None else jconf.get("data"), shape)
+    evaluator = Evaluator(judge, train_data, test_data, jnames or names, device=device, seed=args.seed)
+    ctx = SweepContext(model, schedule, shape, names, device, options)
+    run_sweep(ctx, args.method, args.scales, args.n, args.out, evaluator, classes=classes, steps=args.steps,
+              sampler=args.sampler, eta=args.eta, form=args.form, seed=args.seed, batch_size=args.batch_size,
+              progress=not args.no_progress, source=str(resolve_checkpoint(args.ckpt)), log=print)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {args.out}/results.{{md,csv,json}}, sweep.png, grid-scale-*.png, samples-scale-*.npz")
+    return 0

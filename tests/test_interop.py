@@ -1,0 +1,176 @@
+"""Issue 8: a diffusers UNet2DModel + DDPMScheduler folder as condiff's unconditional eps-model.
+
+A tiny randomly initialised UNet2DModel is saved locally with its scheduler
+config; nothing is downloaded.
+"""
+
+import json
+import shutil
+import sys
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from condiff import cli
+from condiff.checkpoints import load_model
+from condiff.errors import CondiffError
+from condiff.guidance import ClassifierTerm, ScoreGuided
+from condiff.interop import DiffusersEps, check_classifier_schedule, load_diffusers
+from condiff.nets import EncoderNet
+from condiff.pipeline import generate
+from condiff.schedule import cosine_schedule, linear_schedule
+from condiff.training import ClassifierTask, TrainConfig, train
+from helpers import shapes_dataset
+
+T = 50
+
+
+def run(*args) -> int:
+    return cli.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def ddpm(tmp_path_factory):
+    """A diffusers pipeline-style folder: unet/ (safetensors) and scheduler/ (linear betas, T = 50)."""
+    root = tmp_path_factory.mktemp("ddpm")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    unet.save_pretrained(root / "unet")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=T)
+    scheduler.save_pretrained(root / "scheduler")
+    return root, unet.eval(), scheduler
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A noise-aware classifier of the two shapes (left / top bright), briefly trained on the DDPM's linear schedule."""
+    torch.manual_seed(1)
+    clf = EncoderNet(in_channels=1, image_size=8, channels=(8, 16), blocks=1, out_dim=2)
+    run_dir = tmp_path_factory.mktemp("clf")
+    cfg = TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup=5, log_every=60, ckpt_every=60)
+    final = train(clf, ClassifierTask(linear_schedule(T)), shapes_dataset(256, size=8), cfg, run_dir,
+                  meta={"schedule": linear_schedule(T).config(), "class_names": ["left", "top"],
+                        "image_shape": [1, 8, 8]}, progress=False)
+    return final, load_model(final)[0]
+
+
+def test_eps_equals_diffusers_own_call_and_schedule_is_converted_once(ddpm):
+    root, unet, scheduler = ddpm
+    model, schedule, config = load_diffusers(root)
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 7, 30, 49])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, None), unet(x, t).sample)
+    # abar_t = sqrt(alphas_cumprod): the only conversion, and it round-trips
+    assert torch.allclose(schedule.alphas_cumprod(), scheduler.alphas_cumprod.double(), rtol=1e-6)
+    assert torch.allclose(schedule.abar, scheduler.alphas_cumprod.double().sqrt(), rtol=1e-6)
+    assert torch.allclose(schedule.abar, linear_schedule(T).abar, rtol=1e-5)  # DDPM's linear betas
+    assert config["image_shape"] == [1, 8, 8] and not model.conditional
+    with pytest.raises(CondiffError, match="unconditionally"):
+        model(x, t, torch.zeros(4, dtype=torch.long))
+
+
+def test_flat_folder_and_pickle_policy(ddpm, tmp_path):
+    """The layout of google/ddpm-cifar10-32 (files side by side); a .bin loads only with trust_pickle."""
+    root, unet, _ = ddpm
+    unet.save_pretrained(tmp_path, safe_serialization=False)
+    shutil.copy(root / "scheduler" / "scheduler_config.json", tmp_path)
+    with pytest.raises(CondiffError, match="--trust-pickle"):
+        load_diffusers(tmp_path)
+    model, _, _ = load_diffusers(tmp_path, trust_pickle=True)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 40])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, None), unet(x, t).sample)
+
+
+def test_other_prediction_types_are_refused(ddpm, tmp_path):
+    root, _, _ = ddpm
+    shutil.copytree(root / "unet", tmp_path / "unet")
+    conf = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(conf, prediction_type="v_prediction")))
+    with pytest.raises(CondiffError, match="prediction_type 'v_prediction' is not supported"):
+        load_diffusers(tmp_path)
+    with pytest.raises(CondiffError, match="no scheduler_config.json"):
+        load_diffusers(tmp_path / "unet")
+
+
+def test_cli_samples_unguided_and_with_classifier_guidance(ddpm, classifier, tmp_path, capsys):
+    root, _, _ = ddpm
+    clf_path, clf = classifier
+    common = ["sample", "--diffusers-model", root, "--per-class", "8", "--steps", "10", "--no-progress",
+              "--device", "cpu", "--seed", "2"]
+    assert run(*common, "--out", tmp_path / "u.png", "--npz", tmp_path / "u.npz") == 0
+    for name in ("left", "top"):
+        assert run(*common, "--classifier", clf_path, "--class", name, "--scale", "3",
+                   "--out", tmp_path / f"{name}.png", "--npz", tmp_path / f"{name}.npz") == 0
+    assert "warning" not in capsys.readouterr().err  # same schedule: no mismatch warning
+    u, left, top = (np.load(tmp_path / f"{n}.npz") for n in ("u", "left", "top"))
+    assert u["images"].shape == top["images"].shape == (8, 8, 8, 1)
+    assert left["labels"].tolist() == [0] * 8 and top["labels"].tolist() == [1] * 8
+    # the CLI's guided samples are the library's: score-form classifier guidance (eq 19) on the diffusers eps
+    model, schedule, _ = load_diffusers(root)
+    term = ClassifierTerm(clf, torch.ones(8, dtype=torch.long), 3.0)
+    x = generate(ScoreGuided(model, schedule, term), schedule, 8, shape=(1, 8, 8), steps=10, seed=2)
+    assert np.array_equal(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(),
+                          top["images"])
+
+    # guidance steers the random model's samples to the asked class, as judged by the classifier at t = 0
+    def p_top(a):
+        x0 = torch.from_numpy(a["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            return clf(x0, torch.zeros(len(x0), dtype=torch.long)).softmax(-1)[:, 1].mean().item()
+
+    assert p_top(left) < p_top(u) < p_top(top)
+    assert p_top(top) - p_top(left) > 0.5
+
+
+def test_classifier_on_another_schedule_is_warned_about(classifier):
+    _, clf = classifier
+    cosine = {"network": clf.config, "task": "classifier", "schedule": cosine_schedule(T).config()}
+    msg = check_classifier_schedule(linear_schedule(T), cosine)
+    assert msg and "cosine schedule with T=50" in msg
+    assert check_classifier_schedule(linear_schedule(T), dict(cosine, schedule=linear_schedule(T).config())) is None
+
+
+def test_cli_errors_are_one_line(ddpm, tmp_path, capsys, monkeypatch):
+    root, _, _ = ddpm
+    assert run("sample", "--out", tmp_path / "x.png") == 2
+    assert "give --ckpt CKPT or --diffusers-model DIR" in capsys.readouterr().err
+    assert run("sample", "--diffusers-model", tmp_path / "missing", "--out", tmp_path / "x.png") == 2
+    assert "diffusers model folder not found" in capsys.readouterr().err
+    assert run("sample", "--diffusers-model", root, "--class", "1", "--out", tmp_path / "x.png") == 2
+    assert "unconditional: pass --classifier" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if condiff[diffusers] were not installed
+    assert run("sample", "--diffusers-model", root, "--out", tmp_path / "x.png") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'condiff[diffusers]'" in err[0]
+
+
+def test_wrapper_reports_image_shape_of_rectangular_models():
+    unet = diffusers.UNet2DModel(sample_size=(8, 16), in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    eps = DiffusersEps(unet)
+    assert eps.image_shape == (3, 8, 16)
+    x = torch.randn(2, 3, 8, 16)
+    with torch.no_grad():
+        assert eps(x, torch.tensor(5), None).shape == x.shape
+
+
+def test_similarity_guidance_works_on_the_diffusers_model(ddpm):
+    """Eqs 11-14 on a diffusers eps: gamma * grad cos(x_t, target) pulls the samples towards a target image."""
+    from condiff.guidance import SimilarityTerm
+
+    root, _, _ = ddpm
+    model, schedule, _ = load_diffusers(root)
+    target = -torch.ones(1, 1, 8, 8)
+    target[..., :4, :] = 1  # top half bright
+    cos = lambda x, t: torch.nn.functional.cosine_similarity(x.flatten(1), target.flatten(1))  # noqa: E731
+    plain = generate(model, schedule, 6, shape=(1, 8, 8), steps=10, seed=4)
+    guided = generate(ScoreGuided(model, schedule, SimilarityTerm(cos, scale=200.0)), schedule, 6, shape=(1, 8, 8),
+                      steps=10, seed=4)
+    assert cos(guided, None).mean() > cos(plain, None).mean() + 0.3
