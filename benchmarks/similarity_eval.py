@@ -74,7 +74,7 @@ def sampler(model, schedule, shape, args, device):
     def run(terms, n):
         eps, _ = guided_model(model, schedule, unconditional=conditional, terms=terms)
         with torch.no_grad():
-            return generate(eps, schedule, n, shape=shape, steps=args.steps, seed=args.seed,
+            return generate(eps, schedule, n, shape=shape, steps=args.steps, eta=args.eta, seed=args.seed,
                             batch_size=args.batch_size, device=device, clip_x0=args.clip_x0)
     return run
 
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--refs-per-class", type=int, default=2, help="reference images per class (default 2)")
     p.add_argument("--per-ref", type=int, default=10, help="samples per reference image (default 10)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 = DDPM variance (default 0)")
     p.add_argument("--clip-x0", type=float, default=1.0,
                    help="clamp predicted x_0 to [-C, C] (default 1, as condiff sample; 0 = off)")
     p.add_argument("--batch-size", type=int, default=100)
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     judge, judge_cfg = load_judge_fn(args.judge, device)
     run = sampler(model, schedule, shape, args, device)
     grids = Path(args.grids) if args.grids else None
-    report = {"ckpt": str(args.ckpt), "judge": str(args.judge), "steps": args.steps, "seed": args.seed,
+    report = {"ckpt": str(args.ckpt), "judge": str(args.judge), "steps": args.steps, "eta": args.eta, "seed": args.seed,
               "clip_x0": args.clip_x0, "text": {}, "image": {}}
 
     if args.text_encoder:

@@ -153,7 +153,8 @@ def cmd_train(args) -> int:
     def on_sample(ema, step):
         k = min(num_classes or 8, 10)
         cond = __import__("torch").arange(k).repeat_interleave(8) if num_classes else None
-        x = generate(ema, schedule, 8 * k, shape=(C, H, W), cond=cond, steps=25, seed=0, device=device)
+        x = generate(ema, schedule, 8 * k, shape=(C, H, W), cond=cond, steps=min(25, schedule.T), seed=0,
+                     device=device)
         save_grid(x, out / "samples" / f"step-{step:07d}.png", nrow=8)
 
     dist = current_dist()
@@ -308,6 +309,7 @@ def cmd_demo(args) -> int:
 def cmd_export(args) -> int:
     from .zoo import export_model
 
+    check_output_dir(args.out)
     print(f"wrote {export_model(args.ckpt, args.out, command=args.train_command)}")
     return 0
 

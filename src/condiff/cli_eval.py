@@ -40,6 +40,8 @@ def cmd_train_judge(args) -> int:
     from .evaluation import train_judge
     from .pipeline import resolve_device
 
+    if not 0 <= args.dropout < 1:
+        raise CondiffError(f"--dropout must lie in [0, 1), got {args.dropout}")
     device = resolve_device(args.device)
     train_data = _load_data(args, "train")
     test_data = _load_data(args, "test")

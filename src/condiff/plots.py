@@ -40,6 +40,7 @@ class Panel:
     series: list[Series] = field(default_factory=list)
     xrange: tuple[float, float] | None = None
     yrange: tuple[float, float] | None = None
+    xticks: list[float] | None = None
 
 
 def _finite(vals):
@@ -70,7 +71,7 @@ def _dashed(draw, p, q, color, dash=6):
 
 def _draw_panel(draw, font, box, panel: Panel) -> None:
     x0, y0, x1, y1 = box
-    left, right, top, bottom = x0 + 60, x1 - 15, y0 + 30, y1 - 45
+    left, right, top, bottom = x0 + 60, x1 - 15, y0 + 44, y1 - 45
     xr = _range([v for s in panel.series for v in s.xs], panel.xrange)
     yr = _range([v for s in panel.series for v in s.ys], panel.yrange)
 
@@ -80,18 +81,20 @@ def _draw_panel(draw, font, box, panel: Panel) -> None:
 
     draw.text(((left + right) / 2, y0 + 8), panel.title, fill="black", font=font, anchor="mt")
     draw.rectangle([left, top, right, bottom], outline="black")
-    for i in range(5):
-        fx, fy = xr[0] + (xr[1] - xr[0]) * i / 4, yr[0] + (yr[1] - yr[0]) * i / 4
+    xticks = panel.xticks if panel.xticks else [xr[0] + (xr[1] - xr[0]) * i / 4 for i in range(5)]
+    for fx in xticks:
         gx, _ = px(fx, yr[0])
-        _, gy = px(xr[0], fy)
         draw.line([(gx, bottom), (gx, bottom + 4)], fill="black")
+        draw.text((gx, bottom + 6), f"{fx:.3g}", fill="black", font=font, anchor="mt")
+    for i in range(5):
+        fy = yr[0] + (yr[1] - yr[0]) * i / 4
+        _, gy = px(xr[0], fy)
         draw.line([(left - 4, gy), (left, gy)], fill="black")
         draw.line([(left + 1, gy), (right - 1, gy)], fill=(230, 230, 230))
-        draw.text((gx, bottom + 6), f"{fx:.3g}", fill="black", font=font, anchor="mt")
         draw.text((left - 6, gy), f"{fy:.3g}", fill="black", font=font, anchor="rm")
     draw.text(((left + right) / 2, y1 - 14), panel.xlabel, fill="black", font=font, anchor="mm")
-    draw.text((x0 + 4, top - 16), panel.ylabel, fill="black", font=font, anchor="lm")
-    legend_y = top + 6
+    draw.text((x0 + 4, top - 14), panel.ylabel, fill="black", font=font, anchor="lm")
+    legend_x = right  # legend entries right-aligned in the row above the frame
     for k, s in enumerate(panel.series):
         color = COLORS[k % len(COLORS)]
         pts = [px(x, y) for x, y in zip(s.xs, s.ys) if x is not None and y is not None
@@ -104,9 +107,10 @@ def _draw_panel(draw, font, box, panel: Panel) -> None:
             if s.point_labels:
                 draw.text((x + 5, y - 5), s.point_labels[j], fill=color, font=font, anchor="ls")
         if s.label:
-            draw.line([(right - 110, legend_y), (right - 90, legend_y)], fill=color, width=2)
-            draw.text((right - 86, legend_y), s.label, fill=color, font=font, anchor="lm")
-            legend_y += 14
+            legend_x -= draw.textlength(s.label, font=font)
+            draw.text((legend_x, top - 14), s.label, fill=color, font=font, anchor="lm")
+            draw.line([(legend_x - 22, top - 14), (legend_x - 4, top - 14)], fill=color, width=2)
+            legend_x -= 34
 
 
 def save_panels(panels: list[Panel], path: str | Path, size: tuple[int, int] = (380, 320)) -> Path:

@@ -238,6 +238,7 @@ def write_tables(result: dict, out_dir: str | Path) -> list[Path]:
     from .evaluation import to_json
 
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rows, st = result["rows"], result["settings"]
     classes = st["classes"]
     atomic_write_text(out / "results.json", to_json(result))
@@ -293,10 +294,10 @@ def write_tables(result: dict, out_dir: str | Path) -> list[Path]:
         Panel("judge accuracy vs scale", f"scale ({st['method']})", "judge accuracy",
               [Series(scales, [r["judge_accuracy"] for r in rows], "samples"),
                Series(scales, [real.get("judge_accuracy")] * len(rows), "real data", dashed=True)],
-              yrange=(0.0, 1.0)),
+              yrange=(0.0, 1.0), xticks=scales),
         Panel("FID_fm vs scale", f"scale ({st['method']})", "FID_fm",
               [Series(scales, [r["fid_fm"] for r in rows], "samples"),
-               Series(scales, [real.get("fid_fm")] * len(rows), "real floor", dashed=True)]),
+               Series(scales, [real.get("fid_fm")] * len(rows), "real floor", dashed=True)], xticks=scales),
         Panel("precision vs recall", "recall", "precision",
               [Series([r["recall"] for r in rows], [r["precision"] for r in rows], "samples",
                       point_labels=[f"{s:g}" for s in scales]),

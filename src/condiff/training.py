@@ -341,4 +341,8 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
             model.train()
     bar.close()
     barrier(world_size)  # rank 0's last checkpoint is complete before any rank returns
-    return final if final is not None else latest_checkpoint(out)
+    final = final if final is not None else latest_checkpoint(out)
+    if final is None:  # every step was skipped, the last one included: there is nothing to return
+        raise NonFiniteError(f"no checkpoint: the losses of the last steps up to {cfg.steps} were non-finite; "
+                             "lower --lr or check the data")
+    return final

@@ -113,6 +113,8 @@ def cmd_train_encoder(args) -> int:
     device = resolve_device(args.device)
     data = _load_data(args)
     schedule = make_schedule(args.schedule, args.T)
+    if args.t_max is not None and not 1 <= args.t_max <= schedule.T:  # before any output is written
+        raise CondiffError(f"t-max must lie in [1, {schedule.T}], got {args.t_max}")
     tau = args.tau if args.tau is not None else DEFAULT_TAU[args.kind]
     arch = dict(channels=args.channels, blocks=args.blocks, stem=args.stem)
     names = data.class_names or [str(i) for i in range(data.num_classes)]

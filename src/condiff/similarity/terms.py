@@ -176,8 +176,9 @@ class StyleSimilarity(SimilarityTerm):
     @torch.no_grad()
     def target(self, t: int) -> list[torch.Tensor]:
         """Feature maps (1, C_l, H_l, W_l) of the style image at timestep t (memoised)."""
+        t = int(t) if self.schedule is not None else 0
         if t not in self._targets:
-            tt = torch.full((1,), t if self.schedule is not None else 0, dtype=torch.long, device=self.style.device)
+            tt = torch.full((1,), t, dtype=torch.long, device=self.style.device)
             s = self.schedule.add_noise(self.style, tt, self.eps) if self.schedule is not None else self.style
             self._targets[t] = [f.detach() for f in self.features(s, tt)]
         return self._targets[t]
