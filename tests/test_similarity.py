@@ -454,6 +454,7 @@ def test_cli_similarity_bad_input_is_one_line(capsys, cli_files, tmp_path, args,
     (["--kind", "text", "--init", "CLF"], "not an image encoder"),
     (["--kind", "image", "--tau", "0"], "temperature"),
     (["--kind", "image", "--shift", "-1"], "shift"),
+    (["--kind", "text", "--align", "-1"], "weight"),
 ])
 def test_cli_train_encoder_bad_input_is_one_line(capsys, cli_files, tmp_path, args, needle):
     args = [str(cli_files.get(a, a)) for a in args]

@@ -154,7 +154,8 @@ def add_similarity_sample_args(p: argparse.ArgumentParser) -> None:
     """The similarity-guidance flags of ``condiff sample``."""
     from ..cli import _nonneg_float
 
-    g = p.add_argument_group("similarity guidance (eqs 11-15; combinable with each other, --classifier and CFG)")
+    g = p.add_argument_group("similarity guidance (eqs 11-15; combinable with each other, --classifier and CFG; "
+                             "a stochastic sampler, --eta 1, steers better than deterministic DDIM)")
     g.add_argument("--text", default=None, help="text prompt: sim = cos(proj(E1(x_t)), E_text(prompt)); "
                                                 "needs --text-encoder and pip install 'condiff[text]'")
     g.add_argument("--text-scale", type=_nonneg_float, default=None,
