@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import CondiffError
+from ..validation import int_range
 
 EQS = "Article eqs 11-15: mean shift sigma_t^2 * gamma * grad sim(x_t, y), sim = cos(E1(x_t), E2(y))."
 DEFAULT_SCALES = {"text": 300.0, "image": 100.0, "style": 10.0}  # tuned on Fashion-MNIST (docs/similarity.md)
@@ -73,14 +74,7 @@ def _align(text: str) -> float:
     return v
 
 
-def _shift(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= v <= 8:
-        raise argparse.ArgumentTypeError(f"expected a shift in 0..8 pixels, got {text!r}")
-    return v
+_shift = int_range(0, 8, "a shift in pixels")  # the shared integer-range parser of condiff.validation
 
 
 def _held_out(args, data):
