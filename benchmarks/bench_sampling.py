@@ -19,7 +19,7 @@ Measured (issues 2, 3, 4, 6):
 * when ``diffusers`` is importable: its DDIMScheduler loop on the same eps-model and the same
   initial noise; max |difference| of the samples (goal <= 1e-4) and time ratio (goal <= 1.0).
 
-Models: the trained ones in /work/runs (cfg, clf) when present, else random weights at the
+Models: the shipped ones (or the cfg/ and clf/ runs of --runs DIR), else random weights at the
 shipped sizes (UNet channels 64,96, 1 block; EncoderNet 32,64, 1 block; 28x28).
 """
 
@@ -123,20 +123,27 @@ def _rss_mib() -> float:
 
 
 # ----------------------------------------------------------------------------------------- models
-def _models(runs: Path):
-    """(eps-model, classifier, schedule, description): trained ones from ``runs`` when present."""
-    try:
-        model, cfg = load_model(runs / "cfg")
-        clf, _ = load_model(runs / "clf")
-        sc = cfg["schedule"]
-        schedule = cosine_schedule(int(sc["T"]))
-        return model, clf, schedule, f"trained checkpoints from {runs}/cfg and {runs}/clf"
-    except Exception:  # noqa: BLE001 - fall back to random weights of the same size
-        torch.manual_seed(0)
-        model = UNet(1, 28, (64, 96), blocks=1, num_classes=10)
-        torch.nn.init.normal_(model.conv_out.weight, std=0.02)  # zero-initialised output: make eps non-trivial
-        clf = EncoderNet(1, 28, (32, 64), blocks=1, out_dim=10)
-        return model.eval(), clf.eval(), cosine_schedule(1000), "random weights at the shipped sizes"
+def _models(runs: Path | None):
+    """(eps-model, classifier, schedule, description): the runs in ``runs`` if given, else the shipped models,
+    else random weights at the shipped sizes."""
+    from condiff.zoo import shipped
+
+    sources = [("the shipped models (condiff.zoo)", lambda: (shipped("diffusion"), shipped("classifier")))]
+    if runs is not None:
+        sources.insert(0, (f"trained checkpoints from {runs}/cfg and {runs}/clf", lambda: (runs / "cfg", runs / "clf")))
+    for where, paths in sources:
+        try:
+            model_path, clf_path = paths()
+            model, cfg = load_model(model_path)
+            clf, _ = load_model(clf_path)
+        except Exception:  # noqa: BLE001 - try the next source
+            continue
+        return model, clf, cosine_schedule(int(cfg["schedule"]["T"])), where
+    torch.manual_seed(0)
+    model = UNet(1, 28, (64, 96), blocks=1, num_classes=10)
+    torch.nn.init.normal_(model.conv_out.weight, std=0.02)  # zero-initialised output: make eps non-trivial
+    clf = EncoderNet(1, 28, (32, 64), blocks=1, out_dim=10)
+    return model.eval(), clf.eval(), cosine_schedule(1000), "random weights at the shipped sizes"
 
 
 def _text_method(model, schedule, options: dict):
@@ -145,6 +152,10 @@ def _text_method(model, schedule, options: dict):
         from condiff.sweep import SweepContext, get_method
 
         builder = get_method("text")
+        if "text_encoder" not in options:  # default: the shipped text-aligned encoder
+            from condiff.zoo import shipped
+
+            options = dict(options, text_encoder=str(shipped("text-encoder")))
         return builder, SweepContext(model, schedule, (1, 28, 28), [str(i) for i in range(10)], "cpu", options)
     except Exception as e:  # noqa: BLE001
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -262,7 +273,7 @@ def machine() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="DDIM-10, batch 16, 2 training steps: a smoke run")
-    p.add_argument("--runs", default="/work/runs", help="folder with trained cfg/ and clf/ runs (default /work/runs)")
+    p.add_argument("--runs", default=None, help="folder with trained cfg/ and clf/ runs (default: the shipped models)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown report to write")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time (default), or this process's CPU time: on a machine shared with other jobs, "
@@ -279,7 +290,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     started = time.time()
     info = machine()
-    model, clf, schedule, source = _models(Path(args.runs))
+    model, clf, schedule, source = _models(Path(args.runs) if args.runs else None)
     model.eval().requires_grad_(False)
     clf.eval().requires_grad_(False)
     print(f"models: {source}; machine: {info}", flush=True)

@@ -1,48 +1,92 @@
 #!/usr/bin/env bash
-# Guidance-scale sweeps of the trained models -> docs/results.md (the article's trade-off, measured).
-#   RUNS=/work/runs N=500 STEPS=25 bash benchmarks/results.sh
-# Needs MODEL (default RUNS/cfg: class-conditional eps-model with a null class), CLF (default RUNS/clf:
-# noise-aware classifier) and JUDGE (default RUNS/judge: condiff train-judge). The two sweeps run in
-# parallel, one thread each; OUT (default RUNS/sweeps) keeps the samples, so a rerun reuses them.
+# Guidance-scale sweeps of the shipped models -> docs/results.md (the article's trade-off, measured).
+#
+#   bash benchmarks/results.sh                        # N=1000 samples per setting, DDIM-25, every method
+#   N=200 METHODS="cfg classifier" bash benchmarks/results.sh
+#
+# Models: MODEL (class-conditional eps-model with a null class; its null branch is the unconditional
+# model), CLF (noise-aware classifier), TEXT and IMAGE (encoders), JUDGE (independent judge); by
+# default the ones shipped in src/condiff/models. Two lanes run in parallel, one thread each; OUT
+# keeps every sample set, so a rerun with the same settings reuses them. Similarity guidance is
+# sampled with DDIM eta = 1 (docs/similarity.md); the text sweep steers each sample toward the prompt
+# "a photo of <class>", and benchmarks/similarity_eval.py adds the held-out paraphrases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-/work/runs}
-N=${N:-500}
+MODELS=${MODELS:-src/condiff/models}
+MODEL=${MODEL:-$MODELS/fashion-cfg}
+CLF=${CLF:-$MODELS/fashion-classifier}
+TEXT=${TEXT:-$MODELS/fashion-text-encoder}
+IMAGE=${IMAGE:-$MODELS/fashion-image-encoder}
+JUDGE=${JUDGE:-$MODELS/fashion-judge}
+N=${N:-1000}
 STEPS=${STEPS:-25}
-OUT=${OUT:-$RUNS/sweeps}
-MODEL=${MODEL:-$RUNS/cfg}
-CLF=${CLF:-$RUNS/clf}
-JUDGE=${JUDGE:-$RUNS/judge}
+OUT=${OUT:-runs/results}
 CONDIFF=${CONDIFF:-.venv/bin/condiff}
+PYTHON=${PYTHON:-.venv/bin/python}
+METHODS=${METHODS:-cfg classifier text image}
+declare -A SCALES=([cfg]=${CFG_SCALES:-0,1,2,4} [classifier]=${CLF_SCALES:-0,2,4,8,16}
+                   [text]=${TEXT_SCALES:-0,100,300} [image]=${IMAGE_SCALES:-0,30,100})
+declare -A EXTRA=([cfg]="" [classifier]="--classifier $CLF" [text]="--eta 1 --option text_encoder=$TEXT"
+                  [image]="--eta 1 --option image_encoder=$IMAGE")
 mkdir -p "$OUT"
-common=(--n "$N" --steps "$STEPS" --judge "$JUDGE" --no-progress --device cpu)
-OMP_NUM_THREADS=1 "$CONDIFF" sweep --ckpt "$MODEL" --method cfg --scales 0,1,2,4 --out "$OUT/cfg" \
-  "${common[@]}" > "$OUT.cfg.log" 2>&1 &
-cfg_pid=$!
-OMP_NUM_THREADS=1 "$CONDIFF" sweep --ckpt "$MODEL" --method classifier --classifier "$CLF" \
-  --scales 0,1,2,4,8 --out "$OUT/classifier" "${common[@]}" > "$OUT.classifier.log" 2>&1 &
-clf_pid=$!
-wait "$cfg_pid"
-wait "$clf_pid"
+
+wanted() { [[ " $METHODS " == *" $1 "* ]]; }
+
+sweep() {  # sweep METHOD: one guidance family at its scales
+  wanted "$1" || return 0
+  echo "[$(date +%H:%M:%S)] sweep $1 at ${SCALES[$1]}"
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=1 "$CONDIFF" sweep --ckpt "$MODEL" --method "$1" --scales "${SCALES[$1]}" --out "$OUT/$1" \
+    --n "$N" --steps "$STEPS" --judge "$JUDGE" --no-progress --device cpu ${EXTRA[$1]} > "$OUT/$1.log" 2>&1
+}
+
+held_out() {  # text guidance on held-out paraphrases, image guidance on 50 test references
+  wanted text || wanted image || return 0
+  echo "[$(date +%H:%M:%S)] similarity_eval"
+  local enc=()
+  wanted text && enc+=(--text-encoder "$TEXT" --text-scales "${HELD_OUT_TEXT_SCALES:-100,300}")
+  wanted image && enc+=(--image-encoder "$IMAGE" --image-scales "${HELD_OUT_IMAGE_SCALES:-100}")
+  OMP_NUM_THREADS=1 "$PYTHON" benchmarks/similarity_eval.py --ckpt "$MODEL" --judge "$JUDGE" "${enc[@]}" \
+    --per-prompt 40 --refs-per-class 5 --per-ref 10 --eta 1 --steps "$STEPS" --out "$OUT/similarity.json" \
+    > "$OUT/similarity.log" 2>&1
+}
+
+( sweep cfg && sweep text ) &
+lane_a=$!
+( sweep classifier && sweep image && held_out ) &
+lane_b=$!
+wait "$lane_a"
+wait "$lane_b"
+
 mkdir -p docs/results
-for m in cfg classifier; do
-  cp "$OUT/$m/sweep.png" "docs/results/$m-sweep.png"
-  for g in "$OUT/$m"/grid-scale-*.png; do cp "$g" "docs/results/$m-$(basename "$g")"; done
-done
+judge_acc=$(grep -ao "test accuracy (held-out split): [0-9.]*" "$JUDGE/README.md" | grep -o "[0-9.]*$" || echo "?")
 {
   echo "# Results: guidance scale against condition accuracy, fidelity and diversity"
   echo
-  echo "Made by \`benchmarks/results.sh\` (N=$N samples per scale, DDIM-$STEPS): eps-model \`$MODEL\`,"
-  echo "noise-aware classifier \`$CLF\`, judge \`$JUDGE\` (test accuracy"
-  echo "$(python3 -c "import json,sys;print(round(json.load(open(sys.argv[1]))['test_accuracy'],4))" "$JUDGE/judge.json"))."
+  echo "Made by \`benchmarks/results.sh\` (N=$N samples per scale, DDIM-$STEPS; similarity guidance with eta 1):"
+  echo "eps-model \`$MODEL\`, noise-aware classifier \`$CLF\`, encoders \`$TEXT\` and \`$IMAGE\`,"
+  echo "judge \`$JUDGE\` (test accuracy $judge_acc; it shares nothing with the guidance networks)."
   echo
-  for m in cfg classifier; do
+  for m in $METHODS; do
+    [ -f "$OUT/$m/results.md" ] || continue
+    cp "$OUT/$m/sweep.png" "docs/results/$m-sweep.png"
+    for g in "$OUT/$m"/grid-scale-*.png; do cp "$g" "docs/results/$m-$(basename "$g")"; done
     sed -e 's/^# /## /' -e '/^Files: /d' "$OUT/$m/results.md"
     echo "![$m sweep](results/$m-sweep.png)"
     echo
     echo "Samples (one row per class) at each scale: $(for g in docs/results/$m-grid-scale-*.png; do
-      b=$(basename "$g" .png); printf '[%s](results/%s.png) ' "${b#$m-grid-}" "$b"; done)"
+      b=$(basename "$g" .png); printf '[%s](results/%s.png) ' "${b#"$m"-grid-}" "$b"; done)"
     echo
   done
+  if [ -f "$OUT/similarity.log" ]; then
+    echo "## Similarity guidance on held-out prompts and references (benchmarks/similarity_eval.py)"
+    echo
+    echo '```'
+    grep -a -v "^text gamma=[0-9.]* " "$OUT/similarity.log" | grep -av "^wrote" || true
+    echo '```'
+    echo
+    cp "$OUT/similarity.json" docs/results/similarity.json
+    echo "Per prompt and per reference class: [similarity.json](results/similarity.json)."
+  fi
 } > docs/results.md
 echo "wrote docs/results.md"

@@ -7,9 +7,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from condiff.data import ImageDataset
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Autouse in the modules that import it: tiny tensors, so intra-op threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def shapes_dataset(n: int = 256, size: int = 8, seed: int = 0) -> ImageDataset:

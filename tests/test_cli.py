@@ -142,12 +142,12 @@ def test_demo_writes_every_section_and_an_index(trained, tmp_path):
     files = sorted(f.name for f in (tmp_path / "demo").iterdir())
     grids = [f for f in files if f.endswith(".png")]
     assert "index.html" in files and "report.md" in files
-    assert {"unguided.png", "cfg-w0.png", "cfg-w3.png", "classifier-g0.png", "classifier-g10.png"} <= set(grids)
+    assert {"unguided.png", "cfg-w0.png", "cfg-w3.png", "classifier-g0.png", "classifier-g16.png"} <= set(grids)
     page = (tmp_path / "demo" / "index.html").read_text()
     report = (tmp_path / "demo" / "report.md").read_text()
     for g in grids:  # every grid is laid out and labelled in both
         assert f"src='{g}'" in page and f"({g})" in report
-    assert "gamma = 5" in page and "w = 3 (s = 4)" in page
+    assert "gamma = 16" in page and "w = 3 (s = 4)" in page
 
 
 def test_demo_without_shipped_models_is_a_one_line_error(tmp_path, monkeypatch):
@@ -159,11 +159,53 @@ def test_demo_without_shipped_models_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def test_export_writes_model_card(trained, tmp_path):
-    p = run_cli("export", "--ckpt", trained / "model", "--out", tmp_path / "m", "--command", "condiff train ...")
+    p = run_cli("export", "--ckpt", trained / "model", "--out", tmp_path / "m", "--command", "condiff train ...",
+                "--metric", "judge accuracy at w=2 = 0.95", "--metric", "wall time=about 7 min")
     assert p.returncode == 0, p.stderr
     assert sorted(f.name for f in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     card = (tmp_path / "m" / "README.md").read_text()
     assert "steps: 30" in card and "condiff train ..." in card and "p_uncond: 0.1" in card
+    assert "## Measured" in card and "- judge accuracy at w=2: 0.95" in card
+    assert "wall time: about 7 min on the machine" in card
+    p = run_cli("export", "--ckpt", trained / "model", "--out", tmp_path / "m2", "--metric", "no-equals-sign")
+    assert_one_line_error(p)
+    assert not (tmp_path / "m2").exists()
     p = run_cli("sample", "--ckpt", tmp_path / "m", "--class", "top", "--n", "2", "--steps", "4",
                 "--out", tmp_path / "x.png", "--no-progress")
     assert p.returncode == 0, p.stderr
+
+
+def test_sample_defaults_to_the_shipped_models(tmp_path):
+    """No --ckpt: the shipped eps-model; --classifier alone: the shipped classifier; class names any case."""
+    base = ["sample", "--n", "2", "--steps", "4", "--no-progress", "--device", "cpu"]
+    p = run_cli(*base, "--class", "ankle BOOT", "--class", "Sneaker", "--cfg-w", "1", "--out", tmp_path / "a.png",
+                "--npz", tmp_path / "a.npz")
+    assert p.returncode == 0, p.stderr
+    z = np.load(tmp_path / "a.npz")
+    assert z["images"].shape == (4, 28, 28, 1) and z["labels"].tolist() == [9, 9, 7, 7]
+    p = run_cli(*base, "--class", "bag", "--classifier", "--unconditional", "--scale", "2",
+                "--out", tmp_path / "b.png", "--npz", tmp_path / "b.npz")
+    assert p.returncode == 0, p.stderr
+    assert np.load(tmp_path / "b.npz")["images"].shape == (2, 28, 28, 1)
+    p = run_cli(*base, "--text", "a warm top for winter", "--image-index", "0", "--out", tmp_path / "c.png",
+                "--npz", tmp_path / "c.npz", "--eta", "1", "--ref-data", write_npz(tmp_path / "r.npz", _refs()))
+    assert p.returncode == 0, p.stderr  # the shipped text and image encoders are the defaults
+
+
+def _refs():
+    """A two-image 28x28 reference set for --image-index."""
+    import torch
+
+    from condiff.data import ImageDataset
+
+    return ImageDataset(torch.linspace(-1, 1, 2 * 28 * 28).view(2, 1, 28, 28), torch.tensor([0, 1]), ["a", "b"])
+
+
+def test_training_recipe_rejects_an_unknown_stage():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_shipped.sh"
+    p = subprocess.run(["bash", str(script), "nope"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "train_shipped.sh: unknown stage 'nope' (cfg, clf, judge, enc-image, enc-text, export)"]

@@ -22,6 +22,7 @@ from condiff.guidance import (ClassifierFree, ClassifierTerm, GradientTerm, Mean
 from condiff.samplers import noise, sample, sample_ddim, sample_ddpm
 from condiff.schedule import cosine_schedule, linear_schedule
 from condiff.toy import GaussianMixture
+from helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 F64 = torch.float64
 LIN = linear_schedule()
@@ -30,15 +31,6 @@ ALLOW_DDPM1000, ALLOW_DDIM100 = 0.02, 0.06
 
 MEANS = [[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]]
 COVS = [[[1.0, 0.0], [0.0, 0.5]], [[1.0, 0.3], [0.3, 0.6]], [[0.7, 0.0], [0.0, 0.7]]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny (B, 2) tensors: intra-op threads only add contention on a small shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def separated(schedule=LIN):

@@ -16,6 +16,7 @@ sampler visits at most 2 timesteps (``steps`` is still validated against T).
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import struct
 import tempfile
@@ -416,3 +417,22 @@ def test_sample_grids_during_training_fit_a_short_schedule(world, tmp_path):
     rc, _, err = run_cli_inprocess(["train", *_fill(TRAIN, world, tmp_path), "--T", "10", "--sample-every", "2"])
     assert rc == 0, err
     assert (tmp_path / "run" / "samples" / "step-0000002.png").is_file()
+
+
+@pytest.mark.parametrize("kind, text, ok", [
+    ((0.0,), "0", 0.0), ((0.0,), "2.5", 2.5), ((0.0,), "-1", "expected a finite number >= 0"),
+    ((0.0,), "inf", "expected a finite number, got 'inf'"), ((0.0,), "nan", "finite"), ((0.0,), "x", "a number"),
+    ((0.0, 10.0, "a temperature"), "10", 10.0), ((0.0, 10.0, "a temperature"), "0", 0.0),
+    ((0.0, 10.0, "a temperature", True), "0", "expected a temperature in (0, 10], got '0'"),
+    ((0.0, 10.0, "a temperature", True), "10.5", "in (0, 10]"), ((), "-3e5", -3e5),
+])
+def test_float_range_is_the_one_float_parser(kind, text, ok):
+    from condiff.validation import float_range
+
+    lo_hi, rest = kind[:2], kind[2:]
+    parse = float_range(*lo_hi, *rest[:1], open_lo=bool(rest[1:] and rest[1]))
+    if isinstance(ok, float):
+        assert parse(text) == ok
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(ok)):
+            parse(text)

@@ -138,8 +138,8 @@ def test_classifier_on_another_schedule_is_warned_about(classifier):
 
 def test_cli_errors_are_one_line(ddpm, tmp_path, capsys, monkeypatch):
     root, _, _ = ddpm
-    assert run("sample", "--out", tmp_path / "x.png") == 2
-    assert "give --ckpt CKPT or --diffusers-model DIR" in capsys.readouterr().err
+    assert run("sample", "--ckpt", root, "--diffusers-model", root, "--out", tmp_path / "x.png") == 2
+    assert "not both" in capsys.readouterr().err
     assert run("sample", "--diffusers-model", tmp_path / "missing", "--out", tmp_path / "x.png") == 2
     assert "diffusers model folder not found" in capsys.readouterr().err
     assert run("sample", "--diffusers-model", root, "--class", "1", "--out", tmp_path / "x.png") == 2

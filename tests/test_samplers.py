@@ -15,20 +15,12 @@ from condiff.errors import CondiffError, NonFiniteError
 from condiff.samplers import noise, sample, sample_ddim, sample_ddpm
 from condiff.schedule import cosine_schedule, linear_schedule, respace
 from condiff.toy import GaussianMixture
+from helpers import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 F64 = torch.float64
 LIN = linear_schedule()
 COS = cosine_schedule()
 N = 4000
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny (B, 2) tensors: intra-op threads only add contention on a small shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def mixture(schedule):

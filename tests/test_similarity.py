@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from condiff import cli
 from condiff.checkpoints import load_checkpoint, save_checkpoint
@@ -31,21 +32,13 @@ from condiff.similarity.captions import HELD_OUT_PROMPTS, SYNONYMS, training_cap
 from condiff.similarity.tasks import TextAlignTask, caption_bank, random_shift
 from condiff.toy import GaussianMixture
 from condiff.training import TrainConfig
-from helpers import shapes_dataset, write_npz
+from helpers import one_thread, shapes_dataset, write_npz  # noqa: F401  (one_thread: autouse, one intra-op thread)
 
 S = cosine_schedule(100)
 NAMES = ["Trouser", "Bag"]  # shapes_dataset's classes: a bright left bar, a bright top block
 ARCH = dict(channels=(8, 16), blocks=1, stem=2)
 CFG = TrainConfig(steps=40, batch_size=32, lr=3e-3, warmup=5, log_every=20, ckpt_every=40, ema_decay=0.9)
 N = 48  # samples per comparison
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -496,3 +489,19 @@ def test_sweep_methods_text_and_image(cli_files, data, text_encoder, model):
     assert torch.allclose(terms[0].target, want[torch.tensor([1, 0, 1])], atol=1e-6)
     with pytest.raises(CondiffError, match="text_encoder"):
         get_method("text")(SweepContext(model=model, schedule=S, shape=(1, 8, 8), class_names=NAMES), 1.0, labels)
+
+
+def test_demo_adds_text_image_and_style_sections(capsys, cli_files, tmp_path):
+    """condiff demo with encoders: text, reference-image and style grids, each next to its unguided twin."""
+    code, _, err = run_main(capsys, "demo", "--ckpt", cli_files["COND"], "--text-encoder", cli_files["TXT"],
+                            "--image-encoder", cli_files["IMG"], "--out", tmp_path / "d", "--steps", "4",
+                            "--per-class", "2", "--no-progress", "--device", "cpu")
+    assert code == 0, err
+    files = {f.name for f in (tmp_path / "d").iterdir()}
+    pairs = [("text-s0.png", "text-s300.png"), ("image-s0.png", "image-s100.png"), ("style-s0.png", "style-s10.png")]
+    assert {"references.png", *(f for p in pairs for f in p)} <= files
+    for plain, guided in pairs:  # same seed: only the guidance term differs
+        a, b = (np.asarray(Image.open(tmp_path / "d" / f)) for f in (plain, guided))
+        assert a.shape == b.shape and not np.array_equal(a, b)
+    report = (tmp_path / "d" / "report.md").read_text()
+    assert '"something to wear on your feet"' in report and "stripes.png" in report and "sneaker.png" in report

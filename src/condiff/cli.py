@@ -7,12 +7,12 @@ input as one line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 from .errors import CondiffError
-from .validation import MAX_INT, check_output_dir, describe_unexpected, finite_float, int_range, one_line, seed
+from .validation import (MAX_INT, check_output_dir, describe_unexpected, finite_float, int_range, nonneg_float,
+                         one_line, seed)
 
 EPILOG = "Article: Su Jianlin, 'Generative diffusion models (9): conditional control of generation'."
 
@@ -35,16 +35,6 @@ def _pos_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if not 1 <= v <= MAX_INT:
         raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_INT}], got {text!r}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return v
 
 
@@ -72,11 +62,11 @@ def _add_train_common(p: argparse.ArgumentParser, steps: int, lr: float, channel
     p.add_argument("--steps", type=_pos_int, default=steps, help=f"optimizer steps (default {steps})")
     p.add_argument("--batch-size", type=_pos_int, default=128,
                    help="global batch size; under torchrun each of N processes takes 1/N of it (default 128)")
-    p.add_argument("--lr", type=_nonneg_float, default=lr, help=f"peak AdamW learning rate (default {lr})")
+    p.add_argument("--lr", type=nonneg_float, default=lr, help=f"peak AdamW learning rate (default {lr})")
     p.add_argument("--warmup", type=_pos_int, default=100, help="linear warm-up steps (default 100)")
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--ema-decay", type=_nonneg_float, default=0.999, help="EMA decay (default 0.999)")
-    p.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="gradient-norm clip, 0 = off (default 1)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--ema-decay", type=nonneg_float, default=0.999, help="EMA decay (default 0.999)")
+    p.add_argument("--grad-clip", type=nonneg_float, default=1.0, help="gradient-norm clip, 0 = off (default 1)")
     p.add_argument("--channels", type=_int_list, default=_int_list(channels),
                    help=f"widths per resolution level (default {channels})")
     p.add_argument("--blocks", type=int_range(1, 64), default=blocks, help=f"residual blocks per level (default {blocks})")
@@ -208,6 +198,9 @@ def cmd_train_classifier(args) -> int:
 
 
 # ----------------------------------------------------------------------------- sample
+SHIPPED_ARG = "@shipped"  # --classifier given without a value
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -232,8 +225,17 @@ def cmd_sample(args) -> int:
     cfg_w = args.cfg_w if args.cfg_scale is None else args.cfg_scale - 1
     if cfg_w is not None and cfg_w < 0:
         raise CondiffError(f"--cfg-scale must be >= 1 (s = 1 + w), got {args.cfg_scale}")
-    if (args.ckpt is None) == (args.diffusers_model is None):
-        raise CondiffError("give --ckpt CKPT or --diffusers-model DIR (exactly one)")
+    if args.ckpt is not None and args.diffusers_model is not None:
+        raise CondiffError("give --ckpt CKPT or --diffusers-model DIR, not both")
+    args.use_shipped = args.ckpt is None and args.diffusers_model is None
+    if args.use_shipped:  # the models shipped in the package (condiff.zoo): the eps-model and its companions
+        from .zoo import shipped
+
+        args.ckpt = str(shipped("diffusion"))
+    if args.classifier == SHIPPED_ARG:
+        from .zoo import shipped
+
+        args.classifier = str(shipped("classifier"))
     if args.diffusers_model is not None:
         from .checkpoints import read_config, resolve_checkpoint
         from .interop import load_diffusers
@@ -299,9 +301,31 @@ def cmd_demo(args) -> int:
 
     device = resolve_device(args.device)
     ckpt = args.ckpt or shipped("diffusion")
-    clf = args.classifier or (shipped("classifier") if args.ckpt is None else None)
+    default = args.ckpt is None  # the shipped eps-model: its shipped companions are the defaults
+
+    def companion(given, role):
+        if given or not default:
+            return given
+        try:
+            return shipped(role)
+        except CondiffError as e:  # a partial install still demos what it has
+            print(f"condiff demo: skipping {role} sections: {e}", file=sys.stderr)
+            return None
+
+    clf = companion(args.classifier, "classifier")
+    text = companion(args.text_encoder, "text-encoder")
+    if text is not None and not args.text_encoder:
+        try:
+            from .similarity.text import load_text_encoder
+
+            load_text_encoder("cpu")
+        except CondiffError as e:  # the optional extra condiff[text] is missing
+            print(f"condiff demo: skipping text guidance: {e}", file=sys.stderr)
+            text = None
+    image = companion(args.image_encoder, "image-encoder")
     index = run_demo(DemoConfig(diffusion=ckpt, classifier=clf, steps=args.steps, per_class=args.per_class,
-                                seed=args.seed, device=device), args.out, progress=not args.no_progress)
+                                seed=args.seed, device=device, text_encoder=text, image_encoder=image),
+                     args.out, progress=not args.no_progress)
     print(f"wrote {index}")
     return 0
 
@@ -310,7 +334,13 @@ def cmd_export(args) -> int:
     from .zoo import export_model
 
     check_output_dir(args.out)
-    print(f"wrote {export_model(args.ckpt, args.out, command=args.train_command)}")
+    metrics = {}
+    for item in args.metrics:
+        key, sep, value = item.rpartition("=")  # the last "=": keys like "accuracy at w=2" are common
+        if not sep or not key.strip():
+            raise CondiffError(f"--metric expects KEY=VALUE, got {item!r}")
+        metrics[key.strip()] = value.strip()
+    print(f"wrote {export_model(args.ckpt, args.out, command=args.train_command, metrics=metrics)}")
     return 0
 
 
@@ -336,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_common(p, steps=2000, lr=1e-3, channels="64,96", blocks=1)
     p.add_argument("--cond", choices=["class", "none"], default="class",
                    help="class-conditional with a null class (default), or unconditional")
-    p.add_argument("--p-uncond", type=_nonneg_float, default=0.1,
+    p.add_argument("--p-uncond", type=nonneg_float, default=0.1,
                    help="probability of dropping the class to the null phi (default 0.1)")
     p.add_argument("--sample-every", type=int_range(0), default=0, help="write a sample grid every N steps (0 = never)")
     p.set_defaults(func=cmd_train, distributed=True)
@@ -359,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(eqs 11-15): --text, --image/--image-index, --style with their encoders. "
                                    "All combine.",
                        epilog=EPILOG)
-    p.add_argument("--ckpt", default=None, help="eps-model checkpoint folder or run folder")
+    p.add_argument("--ckpt", default=None, help="eps-model checkpoint folder or run folder (default: the shipped "
+                                                "Fashion-MNIST model, with the shipped encoders as the defaults of "
+                                                "--text-encoder and --image-encoder)")
     p.add_argument("--diffusers-model", default=None, metavar="DIR",
                    help="instead of --ckpt: a local diffusers folder with an unconditional UNet2DModel and its "
                         "scheduler config (epsilon prediction), guided with --classifier; needs condiff[diffusers]")
@@ -368,8 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", "--per-class", dest="n", type=int_range(1, 100_000), default=8,
                    help="samples per class (per grid row; default 8); under torchrun write --per-class, "
                         "since torchrun's own parser rejects --n as ambiguous")
-    p.add_argument("--classifier", default=None, help="noise-aware classifier checkpoint for classifier guidance")
-    p.add_argument("--scale", type=_nonneg_float, default=1.0, help="classifier guidance scale gamma (default 1)")
+    p.add_argument("--classifier", nargs="?", const=SHIPPED_ARG, default=None, metavar="CKPT",
+                   help="noise-aware classifier checkpoint for classifier guidance; the flag alone means the "
+                        "shipped Fashion-MNIST classifier")
+    p.add_argument("--scale", type=nonneg_float, default=1.0, help="classifier guidance scale gamma (default 1)")
     p.add_argument("--form", choices=["score", "mean"], default="score",
                    help="apply gradients as eps - bbar_t*grad (score, eq 19, any sampler; default) "
                         "or as a mean shift mu + sigma_t^2*grad (mean, eq 6, ancestral samplers)")
@@ -377,22 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean form: gradient at x_t (eq 6, default) or at mu(x_t) (eq 7)")
     p.add_argument("--sharpen", action="store_true",
                    help="use the sharpened classifier softmax(gamma*logits) of eqs 9-10 instead of gamma*grad")
-    p.add_argument("--cfg-w", type=_nonneg_float, default=None,
+    p.add_argument("--cfg-w", type=nonneg_float, default=None,
                    help="classifier-free weight w of eq 24: (1+w) eps(x,y) - w eps(x,phi); 0 = plain conditional")
     p.add_argument("--cfg-scale", type=finite_float, default=None,
                    help="the same in diffusers' convention: guidance_scale s = 1 + w (s >= 1)")
     p.add_argument("--cfg-interval", type=_interval, default=None,
                    help="apply CFG only for timesteps LO<=t<=HI (Kynkaanniemi et al. 2024), e.g. 100,800")
-    p.add_argument("--cfg-rescale", type=_nonneg_float, default=0.0,
+    p.add_argument("--cfg-rescale", type=nonneg_float, default=0.0,
                    help="guidance rescale factor phi in [0,1] (Lin et al. 2023; default 0 = off)")
     p.add_argument("--unconditional", action="store_true",
                    help="sample the null branch of a conditional model (the unconditional model)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
     p.add_argument("--steps", type=_pos_int, default=50, help="sampling steps after respacing (default 50)")
-    p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta; 0 is deterministic (default 0)")
+    p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta; 0 is deterministic (default 0)")
     p.add_argument("--variance", choices=["ddpm", "ddpm-beta"], default="ddpm",
                    help="DDPM reverse variance: posterior (ddpm) or beta_t^2 (ddpm-beta)")
-    p.add_argument("--clip-x0", type=_nonneg_float, default=1.0,
+    p.add_argument("--clip-x0", type=nonneg_float, default=1.0,
                    help="clamp the predicted x_0 to [-C, C] at every step (default 1, the data range; 0 = off)")
     p.add_argument("--batch-size", type=_pos_int, default=256,
                    help="images per batch; under torchrun whole batches are split across processes (default 256)")
@@ -415,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo", help="output folder (default demo/)")
     p.add_argument("--ckpt", default=None, help="eps-model checkpoint (default: shipped)")
     p.add_argument("--classifier", default=None, help="noise-aware classifier (default: shipped)")
+    p.add_argument("--text-encoder", default=None, help="text-aligned encoder (default: shipped)")
+    p.add_argument("--image-encoder", default=None, help="image encoder for the reference and style grids "
+                                                         "(default: shipped)")
     p.add_argument("--steps", type=_pos_int, default=25, help="DDIM steps (default 25)")
     p.add_argument("--per-class", type=_pos_int, default=6, help="samples per grid row (default 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
@@ -428,11 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="destination folder")
     p.add_argument("--command", dest="train_command", default="",  # not dest=command: that names the subcommand
                    help="the training command, recorded in the model card")
+    p.add_argument("--metric", dest="metrics", action="append", default=[], metavar="KEY=VALUE",
+                   help="a measured result for the card's Measured section; repeat for several "
+                        "('wall time=...' replaces the logged wall time)")
     p.set_defaults(func=cmd_export)
 
     from .cli_eval import register as register_eval  # train-judge, evaluate, sweep
 
-    register_eval(sub, _add_common, _pos_int, _nonneg_float, _int_list)
+    register_eval(sub, _add_common, _pos_int, nonneg_float, _int_list)
     return parser
 
 

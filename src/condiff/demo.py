@@ -32,9 +32,18 @@ class DemoConfig:
     per_class: int = 6
     steps: int = 25
     cfg_ws: tuple[float, ...] = (0.0, 1.0, 3.0)
-    classifier_scales: tuple[float, ...] = (0.0, 2.0, 5.0, 10.0)
+    classifier_scales: tuple[float, ...] = (0.0, 4.0, 16.0)
     seed: int = 0
     device: str | torch.device = "cpu"
+    # similarity guidance (eqs 11-15), on the null branch; sampled with DDIM eta = sim_eta
+    text_encoder: str | Path | None = None
+    image_encoder: str | Path | None = None
+    prompts: tuple[str, ...] = ("something to wear on your feet", "a warm top for winter",
+                                "a bag to carry things", "long pants")  # none is a training caption
+    references: tuple[str | Path, ...] = ()  # reference images, one grid row each; default: the shipped ones
+    style: str | Path | None = None  # style image; default: the shipped striped pullover
+    style_classes: tuple[int, ...] = (0, 2, 3)  # CFG rows that the style is applied to
+    sim_eta: float = 1.0  # a stochastic sampler steers better with gradient guidance (docs/similarity.md)
     extra_sections: list[Callable] = field(default_factory=list)
 
 
@@ -58,10 +67,11 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
     labels = [names[c] for c in classes]
     n, rows = len(y), []
 
-    def run(eps, cond=None, shift=None):
+    def run(eps, cond=None, shift=None, count=None, eta=0.0):
         t0 = time.time()
-        x = generate(eps, schedule, n, shape=shape, cond=cond, steps=cfg.steps, seed=cfg.seed, batch_size=n,
-                     device=cfg.device, mean_shift=shift)
+        count = count or n
+        x = generate(eps, schedule, count, shape=shape, cond=cond, steps=cfg.steps, seed=cfg.seed,
+                     batch_size=count, device=cfg.device, mean_shift=shift, eta=eta)
         return x, time.time() - t0
 
     eps, _ = guided_model(model, schedule, unconditional=True)
@@ -79,10 +89,70 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
             x, dt = run(eps)
             _section(out, rows, f"classifier-g{gamma:g}", f"Classifier guidance, gamma = {gamma:g}",
                      "classifier (eqs 8, 19)", gamma, x, labels, cfg.per_class, dt)
+    if cfg.text_encoder is not None or cfg.image_encoder is not None:
+        _similarity_sections(cfg, out, rows, model, schedule, shape, names, run)
     for extra in cfg.extra_sections:
         for sec in extra(model, schedule, cfg):
             _section(out, rows, **sec)
     return _write_index(out, rows)
+
+
+def shipped_references() -> dict[str, Path]:
+    """The reference images shipped with the package (Fashion-MNIST test images): name -> PNG path."""
+    from .zoo import models_dir
+
+    return {p.stem: p for p in sorted((models_dir() / "references").glob("*.png"))}
+
+
+def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule, shape, names, run) -> None:
+    """Text, image-reference and style grids (eqs 11-15), each against its unguided twin (same seed)."""
+    from .images import load_image
+    from .similarity import ImageSimilarity, StyleSimilarity, TextSimilarity, load_encoder
+    from .similarity.commands import DEFAULT_SCALES
+
+    C, H, _ = shape
+    k, eta = cfg.per_class, cfg.sim_eta
+    refs = shipped_references()
+    if cfg.text_encoder is not None:
+        from .similarity.text import load_text_encoder
+
+        enc, _ = load_encoder(cfg.text_encoder, "text", cfg.device)
+        prompts = [p for p in cfg.prompts for _ in range(k)]
+        term = TextSimilarity.from_prompt(enc, prompts, DEFAULT_SCALES["text"], load_text_encoder(cfg.device))
+        for scale, terms in ((0, []), (DEFAULT_SCALES["text"], [term])):
+            eps, _ = guided_model(model, schedule, unconditional=True, terms=terms)
+            x, dt = run(eps, count=len(prompts), eta=eta)
+            _section(out, rows, f"text-s{scale:g}", f"Text guidance, gamma = {scale:g} (one prompt per row)",
+                     "text similarity (eqs 14-15)", scale, x, [f'"{p}"' for p in cfg.prompts], k, dt)
+    if cfg.image_encoder is None:
+        return
+    enc, _ = load_encoder(cfg.image_encoder, "image", cfg.device)
+    paths = list(cfg.references) or [refs[r] for r in ("sneaker", "dress") if r in refs]
+    style = cfg.style or refs.get("stripes")
+    inputs = paths + ([style] if style is not None else [])
+    if inputs:  # the inputs themselves, first: what the guided grids are steered toward
+        _section(out, rows, "references", "Reference images (inputs of the image and style grids)", "input", "-",
+                 torch.stack([load_image(p, H, C) for p in inputs]), [Path(p).name for p in inputs], len(inputs), 0.0)
+    if paths:
+        ref = torch.stack([load_image(p, H, C) for p in paths]).to(cfg.device)
+        term = ImageSimilarity.from_encoder(enc, ref.repeat_interleave(k, 0), DEFAULT_SCALES["image"])
+        for scale, terms in ((0, []), (DEFAULT_SCALES["image"], [term])):
+            eps, _ = guided_model(model, schedule, unconditional=True, terms=terms)
+            x, dt = run(eps, count=len(paths) * k, eta=eta)
+            _section(out, rows, f"image-s{scale:g}", f"Image guidance, gamma = {scale:g} (one reference per row)",
+                     "image similarity (eqs 14-15)", scale, x, [Path(p).stem for p in paths], k, dt)
+    if style is not None:  # composed with classifier-free guidance (w = 1) when the model is conditional
+        conditional = bool(getattr(model, "num_classes", 0))
+        classes = [c for c in cfg.style_classes if c < len(names)] or [0]
+        y = torch.tensor([c for c in classes for _ in range(k)]) if conditional else None
+        term = StyleSimilarity.from_encoder(enc, load_image(style, H, C), DEFAULT_SCALES["style"], schedule)
+        for scale, terms in ((0, []), (DEFAULT_SCALES["style"], [term])):
+            eps, _ = guided_model(model, schedule, cfg_w=1.0 if conditional else None, terms=terms)
+            x, dt = run(eps, cond=y, count=len(classes) * k, eta=eta)
+            _section(out, rows, f"style-s{scale:g}", f"Style guidance toward {Path(style).name}, gamma = {scale:g}"
+                     + (", on classifier-free guidance w = 1" if conditional else ""),
+                     "style (Gram)" + (" + classifier-free" if conditional else ""), scale, x,
+                     [names[c] for c in classes] if conditional else ["(any)"] * len(classes), k, dt)
 
 
 def _write_index(out: Path, rows: list) -> Path:

@@ -281,65 +281,67 @@ def train(model: torch.nn.Module, task, data: ImageDataset, cfg: TrainConfig, ou
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and main), desc=f"train {task.name}",
                dynamic_ncols=True)
     window, t0, bad_in_row, final = {"loss": [0.0, 0]}, time.time(), 0, None
-    model.train()
-    while step < cfg.steps:
-        idx = order.indices(step)[rank::world_size]
-        x0, y = data.images[idx].to(device), data.labels[idx].to(device)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-        with autocast(device, cfg.bf16):
-            loss, metrics = task.loss(model, x0, y, gen, **shard)
-        if not all_true(torch.isfinite(loss), world_size):
-            bad_in_row += 1
-            warnings.warn(f"non-finite loss at step {step}; step skipped ({bad_in_row} in a row)")
-            if bad_in_row >= cfg.max_nonfinite:
-                raise NonFiniteError(f"{bad_in_row} non-finite losses in a row at step {step}; "
-                                     "lower --lr or check the data")
+    try:  # the bar is closed on errors too, so a failed run leaves a clean terminal
+        model.train()
+        while step < cfg.steps:
+            idx = order.indices(step)[rank::world_size]
+            x0, y = data.images[idx].to(device), data.labels[idx].to(device)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+            with autocast(device, cfg.bf16):
+                loss, metrics = task.loss(model, x0, y, gen, **shard)
+            if not all_true(torch.isfinite(loss), world_size):
+                bad_in_row += 1
+                warnings.warn(f"non-finite loss at step {step}; step skipped ({bad_in_row} in a row)")
+                if bad_in_row >= cfg.max_nonfinite:
+                    raise NonFiniteError(f"{bad_in_row} non-finite losses in a row at step {step}; "
+                                         "lower --lr or check the data")
+                step += 1
+                continue
+            bad_in_row = 0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
+            opt.step()
             step += 1
-            continue
-        bad_in_row = 0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
-        opt.step()
-        step += 1
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in net.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].lerp_(v, 1 - decay)
-                else:
-                    ema[k].copy_(v)
-        window["loss"][0] += float(loss.detach()) * len(x0)
-        window["loss"][1] += len(x0)
-        for k, (num, den) in metrics.items():
-            acc = window.setdefault(k, [0.0, 0])
-            acc[0] += num
-            acc[1] += den
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            dt = time.time() - t0
-            window = merge_sums(window, world_size)
-            rec = {"step": step, "wall_s": round(wall_before + time.time() - started, 2),
-                   "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
-                   "images_per_s": window["loss"][1] / max(dt, 1e-9)}
-            rec.update({k: num / max(den, 1) for k, (num, den) in window.items()})
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", ips=f"{rec['images_per_s']:.0f}")
-            if main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            window, t0 = {"loss": [0.0, 0]}, time.time()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if main:
-                final = save_checkpoint(out / "checkpoints" / f"step-{step:07d}", net, config, ema=ema,
-                                        optimizer=opt, step=step,
-                                        extra={"wall_s": wall_before + time.time() - started},
-                                        rng={"generator": gen.get_state(), "torch": torch.get_rng_state()})
-                _prune(out, cfg.keep)
-        if callback is not None and main and cfg.sample_every and step % cfg.sample_every == 0:
-            callback(ema_model(net, ema), step)
-            model.train()
-    bar.close()
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, v in net.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[k].lerp_(v, 1 - decay)
+                    else:
+                        ema[k].copy_(v)
+            window["loss"][0] += float(loss.detach()) * len(x0)
+            window["loss"][1] += len(x0)
+            for k, (num, den) in metrics.items():
+                acc = window.setdefault(k, [0.0, 0])
+                acc[0] += num
+                acc[1] += den
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.time() - t0
+                window = merge_sums(window, world_size)
+                rec = {"step": step, "wall_s": round(wall_before + time.time() - started, 2),
+                       "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm),
+                       "images_per_s": window["loss"][1] / max(dt, 1e-9)}
+                rec.update({k: num / max(den, 1) for k, (num, den) in window.items()})
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", ips=f"{rec['images_per_s']:.0f}")
+                if main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                window, t0 = {"loss": [0.0, 0]}, time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                if main:
+                    final = save_checkpoint(out / "checkpoints" / f"step-{step:07d}", net, config, ema=ema,
+                                            optimizer=opt, step=step,
+                                            extra={"wall_s": wall_before + time.time() - started},
+                                            rng={"generator": gen.get_state(), "torch": torch.get_rng_state()})
+                    _prune(out, cfg.keep)
+            if callback is not None and main and cfg.sample_every and step % cfg.sample_every == 0:
+                callback(ema_model(net, ema), step)
+                model.train()
+    finally:
+        bar.close()
     barrier(world_size)  # rank 0's last checkpoint is complete before any rank returns
     final = final if final is not None else latest_checkpoint(out)
     if final is None:  # every step was skipped, the last one included: there is nothing to return

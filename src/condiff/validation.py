@@ -17,7 +17,8 @@ from .errors import CondiffError
 MAX_INT = 2**31 - 1  # larger integers overflow torch's index types and are never meant
 MAX_SEED = 2**32 - 1
 
-__all__ = ["MAX_INT", "MAX_SEED", "int_range", "seed", "finite_float", "check_output_file", "check_output_dir",
+__all__ = ["MAX_INT", "MAX_SEED", "int_range", "seed", "float_range", "finite_float", "nonneg_float",
+           "check_output_file", "check_output_dir",
            "describe_unexpected", "one_line"]
 
 
@@ -40,15 +41,34 @@ seed = int_range(0, MAX_SEED, "a seed (integer)")
 seed.__name__ = "seed"
 
 
-def finite_float(text: str) -> float:
-    """An argparse type: any finite number (negative allowed)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
+def float_range(lo: float = -math.inf, hi: float = math.inf, what: str = "a finite number", *,
+                open_lo: bool = False):
+    """An argparse type: a finite number in [lo, hi], or in (lo, hi] with ``open_lo``."""
+    if math.isinf(hi):
+        bounds = f"{'>' if open_lo else '>='} {lo:g}"
+    else:
+        bounds = f"in {'(' if open_lo else '['}{lo:g}, {hi:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if v < lo or v > hi or (open_lo and v == lo):
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}")
+        return v
+
+    parse.__name__ = f"float_{lo:g}_{hi:g}"
+    return parse
+
+
+finite_float = float_range()
+finite_float.__name__ = "finite_float"
+finite_float.__doc__ = "An argparse type: any finite number (negative allowed)."
+nonneg_float = float_range(0.0)
+nonneg_float.__name__ = "nonneg_float"
 
 
 def _writable_ancestor(path: Path, flag: str) -> None:

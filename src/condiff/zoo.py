@@ -64,7 +64,17 @@ def export_model(run: str | Path, dest: str | Path, *, command: str = "", metric
     tmp.mkdir(parents=True)
     shutil.copyfile(ckpt / "model.safetensors", tmp / "model.safetensors")
     atomic_write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
-    last = _last_log(run if (run / "metrics.jsonl").is_file() else ckpt.parent.parent)
+    run = run if (run / "metrics.jsonl").is_file() else ckpt.parent.parent
+    last = _last_log(run)
+    metrics = dict(metrics or {})
+    if (run / "judge.json").is_file():  # condiff train-judge's held-out evaluation
+        judge = json.loads((run / "judge.json").read_text())
+        if "test_accuracy" in judge:
+            metrics.setdefault("test accuracy (held-out split)", round(float(judge["test_accuracy"]), 4))
+    wall = f"{last.get('wall_s', 'unknown')} s"
+    clean = _last_log(run / "clean")  # an image encoder's first stage (E2 on clean images)
+    if clean.get("wall_s") is not None:
+        wall += f" (E1 stage) + {clean['wall_s']} s (E2 stage, {clean.get('step')} steps)"
     train = config.get("train", {})
     params = sum(v.numel() for v in load_file(str(tmp / "model.safetensors")).values())
     lines = [f"# {dest.name}", "",
@@ -74,7 +84,7 @@ def export_model(run: str | Path, dest: str | Path, *, command: str = "", metric
              f"- steps: {last.get('step', train.get('steps'))}, batch size {train.get('batch_size')}, "
              f"lr {train.get('lr')} (warm-up {train.get('warmup')}), EMA decay {train.get('ema_decay')}, "
              f"seed {train.get('seed')}",
-             f"- wall time: {last.get('wall_s', 'unknown')} s on the machine that trained it",
+             f"- wall time: {metrics.pop('wall time', wall)} on the machine that trained it",
              f"- final training loss: {last.get('loss', 'unknown')}"]
     if config.get("p_uncond") is not None:
         lines.append(f"- condition dropout p_uncond: {config['p_uncond']}")

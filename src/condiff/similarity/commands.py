@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import CondiffError
-from ..validation import int_range
+from ..validation import float_range, int_range, nonneg_float
 
 EQS = "Article eqs 11-15: mean shift sigma_t^2 * gamma * grad sim(x_t, y), sim = cos(E1(x_t), E2(y))."
 DEFAULT_SCALES = {"text": 300.0, "image": 100.0, "style": 10.0}  # tuned on Fashion-MNIST (docs/similarity.md)
@@ -54,26 +54,8 @@ def add_train_encoder_parser(sub, add_train_common, epilog: str) -> argparse.Arg
     return p
 
 
-def _temperature(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < v <= 10:
-        raise argparse.ArgumentTypeError(f"expected a temperature in (0, 10], got {text!r}")
-    return v
-
-
-def _align(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= v <= 100:
-        raise argparse.ArgumentTypeError(f"expected a weight in [0, 100], got {text!r}")
-    return v
-
-
+_temperature = float_range(0.0, 10.0, "a temperature", open_lo=True)
+_align = float_range(0.0, 100.0, "a weight")
 _shift = int_range(0, 8, "a shift in pixels")  # the shared integer-range parser of condiff.validation
 
 
@@ -146,13 +128,12 @@ def cmd_train_encoder(args) -> int:
 # ----------------------------------------------------------------------------- sample flags
 def add_similarity_sample_args(p: argparse.ArgumentParser) -> None:
     """The similarity-guidance flags of ``condiff sample``."""
-    from ..cli import _nonneg_float
 
     g = p.add_argument_group("similarity guidance (eqs 11-15; combinable with each other, --classifier and CFG; "
                              "a stochastic sampler, --eta 1, steers better than deterministic DDIM)")
     g.add_argument("--text", default=None, help="text prompt: sim = cos(proj(E1(x_t)), E_text(prompt)); "
                                                 "needs --text-encoder and pip install 'condiff[text]'")
-    g.add_argument("--text-scale", type=_nonneg_float, default=None,
+    g.add_argument("--text-scale", type=nonneg_float, default=None,
                    help=f"text guidance scale gamma (default {DEFAULT_SCALES['text']:g})")
     g.add_argument("--text-encoder", default=None, help="text encoder checkpoint (condiff train-encoder --kind text)")
     g.add_argument("--image", default=None, help="reference image file (any size; converted and resized): "
@@ -161,13 +142,13 @@ def add_similarity_sample_args(p: argparse.ArgumentParser) -> None:
                    help="reference image by index into the test split of --ref-data instead of --image")
     g.add_argument("--ref-data", default=None,
                    help="dataset for --image-index (default Fashion-MNIST; a folder or .npz as for --data)")
-    g.add_argument("--image-scale", type=_nonneg_float, default=None,
+    g.add_argument("--image-scale", type=nonneg_float, default=None,
                    help=f"image guidance scale gamma (default {DEFAULT_SCALES['image']:g})")
     g.add_argument("--image-encoder", default=None,
                    help="image encoder checkpoint (condiff train-encoder --kind image)")
     g.add_argument("--style", default=None, help="style image file: sim = -Gram-matrix distance of E1 feature "
                                                  "maps; uses --style-encoder, else --image-encoder")
-    g.add_argument("--style-scale", type=_nonneg_float, default=None,
+    g.add_argument("--style-scale", type=nonneg_float, default=None,
                    help=f"style guidance scale gamma (default {DEFAULT_SCALES['style']:g})")
     g.add_argument("--style-encoder", default=None, help="encoder whose E1 features define the style "
                                                          "(default: --image-encoder)")
@@ -218,6 +199,13 @@ def similarity_terms(args, schedule, shape, device) -> list:
         scale("style", args.style is not None)
     if args.image_index is None and args.ref_data is not None:
         raise CondiffError("--ref-data applies to --image-index")
+    if getattr(args, "use_shipped", False):  # the shipped eps-model: the shipped encoders are the defaults
+        from ..zoo import shipped
+
+        if args.text is not None and not args.text_encoder:
+            args.text_encoder = str(shipped("text-encoder"))
+        if (has_image or args.style is not None) and not (args.image_encoder or args.style_encoder):
+            args.image_encoder = str(shipped("image-encoder"))
     if args.text is not None:
         if not args.text_encoder:
             raise CondiffError("--text needs --text-encoder CKPT (condiff train-encoder --kind text)")
