@@ -42,6 +42,7 @@ sweep() {  # sweep METHOD: one guidance family at its scales
 
 held_out() {  # text guidance on held-out paraphrases, image guidance on 50 test references
   wanted text || wanted image || return 0
+  if [ -f "$OUT/similarity.json" ]; then echo "reusing $OUT/similarity.json (delete it to measure again)"; return 0; fi
   echo "[$(date +%H:%M:%S)] similarity_eval"
   local enc=()
   wanted text && enc+=(--text-encoder "$TEXT" --text-scales "${HELD_OUT_TEXT_SCALES:-100,300}")
@@ -67,8 +68,27 @@ judge_acc=$(grep -ao "test accuracy (held-out split): [0-9.]*" "$JUDGE/README.md
   echo "eps-model \`$MODEL\`, noise-aware classifier \`$CLF\`, encoders \`$TEXT\` and \`$IMAGE\`,"
   echo "judge \`$JUDGE\` (test accuracy $judge_acc; it shares nothing with the guidance networks)."
   echo
+  echo "Summary: the best judge accuracy of each method, and diversity (relative to real data) from the"
+  echo "smallest to the largest scale: relevance rises and diversity falls as the scale grows (the article's"
+  echo "trade-off)."
+  echo
+  echo "| method | scales | judge accuracy: first scale -> best (at scale) | diversity / real: first -> last scale |"
+  echo "|---|---|---|---|"
+  for m in $METHODS; do
+    [ -f "$OUT/$m/results.json" ] || continue
+    "$PYTHON" - "$OUT/$m/results.json" "$m" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+best = max(rows, key=lambda r: r["judge_accuracy"])
+scales = ", ".join("%g" % r["scale"] for r in rows)
+print("| %s | %s | %.3f -> **%.3f** (%g) | %.2f -> %.2f |" % (sys.argv[2], scales, rows[0]["judge_accuracy"],
+      best["judge_accuracy"], best["scale"], rows[0]["diversity_ratio"], rows[-1]["diversity_ratio"]))
+PY
+  done
+  echo
   for m in $METHODS; do
     [ -f "$OUT/$m/results.md" ] || continue
+    rm -f "docs/results/$m"-grid-scale-*.png  # grids of scales this run did not sample
     cp "$OUT/$m/sweep.png" "docs/results/$m-sweep.png"
     for g in "$OUT/$m"/grid-scale-*.png; do cp "$g" "docs/results/$m-$(basename "$g")"; done
     sed -e 's/^# /## /' -e '/^Files: /d' "$OUT/$m/results.md"

@@ -27,6 +27,8 @@ RUNS=${RUNS:-runs}
 DEVICE=${DEVICE:-auto}
 THREADS=${THREADS:-1}
 CONDIFF=${CONDIFF:-.venv/bin/condiff}
+PYTHON=${PYTHON:-.venv/bin/python}
+RESULTS=${RESULTS:-runs/results}  # benchmarks/results.sh output: its sweep results go into the model cards
 DEST=${DEST:-src/condiff/models}
 
 # The exact commands, also recorded in each model card ("condiff" stands for $CONDIFF).
@@ -49,6 +51,18 @@ metrics() {  # the card's measured results of stage $1: its log's last "held-out
   local line
   line=$(grep -a "^held-out" "$RUNS/$1.log" 2>/dev/null | tail -1 || true)
   if [ -n "$line" ]; then printf -- '--metric\n%s=%s\n' "${line%%:*}" "${line#*: }"; fi
+  local sweep
+  case $1 in cfg) sweep=cfg ;; clf) sweep=classifier ;; enc-text) sweep=text ;; enc-image) sweep=image ;; *) sweep= ;; esac
+  if [ -n "$sweep" ] && [ -f "$RESULTS/$sweep/results.json" ]; then  # benchmarks/results.sh, if it has run
+    "$PYTHON" - "$RESULTS/$sweep/results.json" "$sweep" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+st, rows = d["settings"], d["rows"]
+print("--metric")
+print("judge accuracy by %s scale (%d samples each, %s-%d, eta %g)=%s" % (sys.argv[2], rows[0]["n"], st["sampler"],
+      st["steps"], st["eta"], ", ".join("%g: %.3f" % (r["scale"], r["judge_accuracy"]) for r in rows)))
+PY
+  fi
   printf -- '--metric\nguidance results=docs/results.md and docs/similarity.md (benchmarks/results.sh)\n'
   if [ "$1" = cfg ] && [ -n "${CFG_WALL:-}" ]; then printf -- '--metric\nwall time=%s\n' "$CFG_WALL"; fi
 }
