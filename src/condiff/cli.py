@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from .errors import CondiffError
-from .validation import (MAX_INT, check_output_dir, describe_unexpected, finite_float, int_range, nonneg_float,
-                         one_line, seed)
+from .validation import (MAX_INT, check_output_dir, describe_unexpected, finite_float, int_range, key_value,
+                         nonneg_float, one_line, seed)
 
 EPILOG = "Article: Su Jianlin, 'Generative diffusion models (9): conditional control of generation'."
 
@@ -28,14 +28,7 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 1 <= v <= MAX_INT:
-        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_INT}], got {text!r}")
-    return v
+_pos_int = int_range(1)  # an integer in [1, MAX_INT]
 
 
 def _interval(text: str) -> tuple[int, int]:
@@ -334,12 +327,7 @@ def cmd_export(args) -> int:
     from .zoo import export_model
 
     check_output_dir(args.out)
-    metrics = {}
-    for item in args.metrics:
-        key, sep, value = item.rpartition("=")  # the last "=": keys like "accuracy at w=2" are common
-        if not sep or not key.strip():
-            raise CondiffError(f"--metric expects KEY=VALUE, got {item!r}")
-        metrics[key.strip()] = value.strip()
+    metrics = {key: value.strip() for key, value in args.metrics}
     print(f"wrote {export_model(args.ckpt, args.out, command=args.train_command, metrics=metrics)}")
     return 0
 
@@ -466,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--command", dest="train_command", default="",  # not dest=command: that names the subcommand
                    help="the training command, recorded in the model card")
     p.add_argument("--metric", dest="metrics", action="append", default=[], metavar="KEY=VALUE",
+                   type=key_value(last=True),  # the last "=": keys like "accuracy at w=2" are common
                    help="a measured result for the card's Measured section; repeat for several "
                         "('wall time=...' replaces the logged wall time)")
     p.set_defaults(func=cmd_export)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import CondiffError
+from .validation import key_value
 
 
 def _scales(text: str) -> list[float]:
@@ -25,13 +26,6 @@ def _scales(text: str) -> list[float]:
     if len(set(vals)) != len(vals):
         raise argparse.ArgumentTypeError(f"scales must not repeat, got {text!r}")
     return vals
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = str(text).partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), value
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -164,7 +158,7 @@ def register(sub, common, pos_int, nonneg_float, int_list) -> None:
     p.add_argument("--classifier", default=None, help="noise-aware classifier checkpoint (method classifier)")
     p.add_argument("--class", dest="classes", action="append", default=[],
                    help="restrict to this class (name or index); repeat for several (default: all classes)")
-    p.add_argument("--option", dest="options", type=_key_value, action="append", default=[],
+    p.add_argument("--option", dest="options", type=key_value(), action="append", default=[],
                    help="KEY=VALUE passed to the method (for methods registered by other modules)")
     p.add_argument("--form", choices=["score", "mean"], default="score",
                    help="gradient terms as eps - bbar_t*grad (score, eq 19; default) or mean shift (eq 6)")

@@ -17,7 +17,7 @@ from .errors import CondiffError
 MAX_INT = 2**31 - 1  # larger integers overflow torch's index types and are never meant
 MAX_SEED = 2**32 - 1
 
-__all__ = ["MAX_INT", "MAX_SEED", "int_range", "seed", "float_range", "finite_float", "nonneg_float",
+__all__ = ["MAX_INT", "MAX_SEED", "int_range", "seed", "float_range", "finite_float", "nonneg_float", "key_value",
            "check_output_file", "check_output_dir",
            "describe_unexpected", "one_line"]
 
@@ -61,6 +61,18 @@ def float_range(lo: float = -math.inf, hi: float = math.inf, what: str = "a fini
         return v
 
     parse.__name__ = f"float_{lo:g}_{hi:g}"
+    return parse
+
+
+def key_value(*, last: bool = False):
+    """An argparse type: ``KEY=VALUE`` -> (key, value), split at the first "=" (or the last, with ``last``)."""
+    def parse(text: str) -> tuple[str, str]:
+        key, sep, value = str(text).rpartition("=") if last else str(text).partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+        return key.strip(), value
+
+    parse.__name__ = "key_value"
     return parse
 
 
