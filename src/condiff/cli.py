@@ -220,14 +220,12 @@ def cmd_sample(args) -> int:
         raise CondiffError(f"--cfg-scale must be >= 1 (s = 1 + w), got {args.cfg_scale}")
     if args.ckpt is not None and args.diffusers_model is not None:
         raise CondiffError("give --ckpt CKPT or --diffusers-model DIR, not both")
+    from .zoo import shipped
+
     args.use_shipped = args.ckpt is None and args.diffusers_model is None
     if args.use_shipped:  # the models shipped in the package (condiff.zoo): the eps-model and its companions
-        from .zoo import shipped
-
         args.ckpt = str(shipped("diffusion"))
     if args.classifier == SHIPPED_ARG:
-        from .zoo import shipped
-
         args.classifier = str(shipped("classifier"))
     if args.diffusers_model is not None:
         from .checkpoints import read_config, resolve_checkpoint
@@ -311,7 +309,7 @@ def cmd_demo(args) -> int:
         try:
             from .similarity.text import load_text_encoder
 
-            load_text_encoder("cpu")
+            load_text_encoder(device)  # loaded once per device: the demo reuses it
         except CondiffError as e:  # the optional extra condiff[text] is missing
             print(f"condiff demo: skipping text guidance: {e}", file=sys.stderr)
             text = None
