@@ -1,8 +1,8 @@
 """Similarity guidance on Fashion-MNIST, measured (issue 5; article eqs 11-15).
 
-Text guidance: for each held-out paraphrase (condiff.similarity.captions.HELD_OUT_PROMPTS,
-none of them a training caption) sample the unconditional model guided by
-sim = cos(proj(E1(x_t, t)), E_text(prompt)) and count the samples that an independent
+Text guidance: for each held-out paraphrase (condiff.similarity.captions.HELD_OUT_PROMPTS and
+FRESH_PROMPTS, none of them a training caption) sample the unconditional model guided by
+sim = cos(proj(E1(x_t, t)), text_target(E_text(prompt))) and count the samples that an independent
 judge classifies as one of the prompt's intended classes (goal >= 80%).
 Image guidance: for reference images of the test split (the same number per class) sample
 guided by sim = cos(E1(x_t, t), E2(ref)) and count the samples of the reference's class
@@ -31,8 +31,9 @@ from condiff.errors import CondiffError
 from condiff.images import save_grid
 from condiff.pipeline import generate, guided_model, load_diffusion, resolve_device
 from condiff.similarity import ImageSimilarity, TextSimilarity, load_encoder
-from condiff.similarity.captions import HELD_OUT_PROMPTS
+from condiff.similarity.captions import FRESH_PROMPTS, HELD_OUT_PROMPTS
 from condiff.similarity.commands import DEFAULT_SCALES
+from condiff.similarity.terms import text_target
 from condiff.similarity.text import load_text_encoder
 
 
@@ -52,11 +53,11 @@ def load_judge_fn(path, device):
 
 
 @torch.no_grad()
-def zero_shot(enc, te, schedule, names, device, n: int = 1000, ts=(0, 200, 500)) -> dict:
-    """Accuracy of argmax_prompt cos(proj(E1(x_t, t)), E_text(prompt)) over the single-class held-out
+def zero_shot(enc, te, schedule, names, device, prior, n: int = 1000, ts=(0, 200, 500)) -> dict:
+    """Accuracy of argmax_prompt cos(proj(E1(x_t, t)), text_target(prompt)) over the single-class held-out
     prompts on real test images: the text alignment itself, without the diffusion model."""
-    single = [(q, resolve_class(c[0], names)) for q, c in HELD_OUT_PROMPTS if len(c) == 1]
-    emb = te.encode([q for q, _ in single]).to(device)
+    single = [(q, resolve_class(c[0], names)) for q, c in HELD_OUT_PROMPTS + FRESH_PROMPTS if len(c) == 1]
+    emb = text_target(enc, te.encode([q for q, _ in single]), prior).to(device)
     cls = torch.tensor([k for _, k in single])
     test = load_dataset(None, "test").subset(n, seed=0)
     g, out = torch.Generator().manual_seed(0), {}
@@ -87,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--judge", required=True, help="judge (condiff train-judge) or classifier checkpoint")
     p.add_argument("--text-scales", type=floats, default=[DEFAULT_SCALES["text"]], help="comma-separated gammas")
     p.add_argument("--image-scales", type=floats, default=[DEFAULT_SCALES["image"]], help="comma-separated gammas")
+    p.add_argument("--text-prior", type=float, default=None,
+                   help="temperature of the caption prior (default: the encoder's default; 0 = raw prompt)")
     p.add_argument("--per-prompt", type=int, default=20, help="samples per prompt (default 20)")
     p.add_argument("--refs-per-class", type=int, default=2, help="reference images per class (default 2)")
     p.add_argument("--per-ref", type=int, default=10, help="samples per reference image (default 10)")
@@ -113,28 +116,37 @@ def main(argv=None) -> int:
     if args.text_encoder:
         te = load_text_encoder(device)
         enc, _ = load_encoder(args.text_encoder, "text", device)
-        wanted = [[resolve_class(c, names) for c in classes] for _, classes in HELD_OUT_PROMPTS]
-        report["text"]["zero_shot_real"] = zero_shot(enc, te, schedule, names, device)
+        prompts = HELD_OUT_PROMPTS + FRESH_PROMPTS
+        sets = {"held_out": len(HELD_OUT_PROMPTS), "fresh": len(FRESH_PROMPTS)}
+        wanted = [[resolve_class(c, names) for c in classes] for _, classes in prompts]
+        report["text"]["prior"] = args.text_prior
+        report["text"]["zero_shot_real"] = zero_shot(enc, te, schedule, names, device, args.text_prior)
         print("held-out prompts as a zero-shot classifier of real test images (E1 at t): "
               + ", ".join(f"t={t} {a:.3f}" for t, a in report["text"]["zero_shot_real"].items()))
         plain = judge(run([], args.per_prompt))
         chance = [float(sum((plain == k).float().mean() for k in w)) for w in wanted]
-        report["text"]["unguided_share"] = dict(zip([q for q, _ in HELD_OUT_PROMPTS], chance))
+        report["text"]["unguided_share"] = dict(zip([q for q, _ in prompts], chance))
         for scale in args.text_scales:
-            t0, rows, hits, total = time.time(), {}, 0, 0
-            for (prompt, _), w in zip(HELD_OUT_PROMPTS, wanted):
-                x = run([TextSimilarity.from_prompt(enc, prompt, scale, te)], args.per_prompt)
+            t0, rows, oks = time.time(), {}, []
+            for (prompt, _), w in zip(prompts, wanted):
+                term = TextSimilarity.from_prompt(enc, prompt, scale, te, prior=args.text_prior)
+                x = run([term], args.per_prompt)
                 pred = judge(x)
                 ok = sum(int((pred == k).sum()) for k in w)
-                hits, total = hits + ok, total + len(pred)
+                oks.append(ok / len(pred))
                 rows[prompt] = {"accuracy": ok / len(pred), "predicted": [names[i] for i in pred.tolist()]}
                 if grids:
                     save_grid(x, grids / f"text-{scale:g}-{prompt[:40].replace(' ', '_')}.png", nrow=10)
                 print(f"text gamma={scale:g}  {ok / len(pred):5.2f}  {prompt}", file=sys.stderr)
-            report["text"][f"{scale:g}"] = {"accuracy": hits / total, "samples": total, "prompts": rows,
+            first = sets["held_out"]
+            by_set = {"held_out": sum(oks[:first]) / first, "fresh": sum(oks[first:]) / sets["fresh"]}
+            report["text"][f"{scale:g}"] = {"accuracy": by_set["held_out"], "fresh_accuracy": by_set["fresh"],
+                                            "all_accuracy": sum(oks) / len(oks),
+                                            "samples": len(oks) * args.per_prompt, "prompts": rows,
                                             "seconds": round(time.time() - t0, 1)}
-            print(f"text gamma={scale:g}: {hits / total:.3f} of {total} samples of the intended class "
-                  f"(chance {sum(chance) / len(chance):.3f})")
+            print(f"text gamma={scale:g}: {by_set['held_out']:.3f} of {first * args.per_prompt} samples of the "
+                  f"intended class on HELD_OUT_PROMPTS, {by_set['fresh']:.3f} of {sets['fresh'] * args.per_prompt} "
+                  f"on FRESH_PROMPTS (chance {sum(chance) / len(chance):.3f})")
 
     if args.image_encoder:
         enc, _ = load_encoder(args.image_encoder, "image", device)

@@ -28,7 +28,9 @@ from condiff.schedule import cosine_schedule
 from condiff.similarity import (ImageSimilarity, StyleSimilarity, TextSimilarity, gram_distance, load_encoder,
                                 train_image_encoder, train_text_encoder)
 from condiff.similarity import text as text_mod
-from condiff.similarity.captions import HELD_OUT_PROMPTS, SYNONYMS, training_captions
+from condiff.similarity.terms import DEFAULT_TEXT_PRIOR, text_target
+from condiff.similarity.captions import (FRESH_PROMPTS, HELD_OUT_PROMPTS, SYNONYMS, caption_prior, centre, class_centroids,
+                                        training_captions)
 from condiff.similarity.tasks import TextAlignTask, caption_bank, random_shift
 from condiff.toy import GaussianMixture
 from condiff.training import TrainConfig
@@ -88,7 +90,9 @@ def text_encoder():
 def text_image_encoder(data, text_encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("enc-text")
     cfg = TrainConfig(**{**CFG.__dict__, "steps": 60})
-    final = train_text_encoder(data, out, S, text_encoder[0], arch=ARCH, dim=16, cfg=cfg, progress=False)
+    # align 1: in 60 steps at lr 3e-3 the default weight 10 leaves the contrastive term undertrained
+    final = train_text_encoder(data, out, S, text_encoder[0], arch=ARCH, dim=16, cfg=cfg, align=1.0,
+                               progress=False)
     enc, _ = load_encoder(final, "text")
     return enc, out, final
 
@@ -271,6 +275,53 @@ def test_text_align_logits_are_log_mean_exp_over_each_class_captions():
                           TextAlignTask(S, bank, labels, tau=0.5, align=0.0).loss(on_centroids, x0, y, g())[0])
 
 
+def test_caption_prior_is_the_class_direction_mixture_the_text_encoder_ranks_nearest():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    shared, classes = torch.tensor([3.0, 0, 0, 0, 0, 0]), torch.eye(6)[1:4]  # one common part, one part per class
+    bank = F.normalize(shared + classes[labels] + 0.3 * torch.randn(9, 6, generator=g), dim=-1)
+    cents = class_centroids(centre(bank, bank.mean(0)), labels, 3)
+    assert torch.allclose(cents.norm(dim=-1), torch.ones(3))
+    # centring removes the shared component: the class directions spread apart
+    raw = class_centroids(bank, labels, 3)
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert (cents @ cents.T)[off].max() < 0.1 < 0.8 < (raw @ raw.T)[off].min()
+    # a caption of class 1 as the prompt: a cold prior is class 1's direction, a hot one the even blend
+    prompt = bank[4:5]
+    assert torch.allclose(caption_prior(prompt, bank, labels, 1e-3), cents[1:2], atol=1e-5)
+    w = torch.softmax(TextAlignTask(S, bank, labels, tau=0.07).class_logits(prompt) / 0.5, dim=-1)
+    assert torch.allclose(caption_prior(prompt, bank, labels, 0.5), F.normalize(w @ cents, dim=-1), atol=1e-6)
+    assert torch.allclose(caption_prior(prompt, bank, labels, 1e6), F.normalize(cents.sum(0, keepdim=True), dim=-1),
+                          atol=1e-4)
+    with pytest.raises(ValueError):
+        caption_prior(prompt, bank, labels, 0.0)
+
+
+def test_text_encoder_stores_its_caption_bank_and_maps_prompts_onto_it(text_image_encoder, text_encoder, data):
+    enc, out, final = text_image_encoder
+    te = text_encoder[0]
+    texts, labels = training_captions(NAMES)
+    assert enc.captions == len(texts) and enc.caption_labels.tolist() == labels
+    assert torch.allclose(enc.caption_bank, te.encode(texts), atol=1e-5)  # saved with the weights, reloaded
+    p = te.encode("long pants with two legs")
+    assert torch.allclose(text_target(enc, p, 0.0), centre(p, enc.caption_bank.mean(0)))
+    assert torch.allclose(text_target(enc, p), caption_prior(p, enc.caption_bank, enc.caption_labels,
+                                                             DEFAULT_TEXT_PRIOR))
+    assert torch.allclose(TextSimilarity.from_prompt(enc, "long pants with two legs", 1.0, te).target,
+                          text_target(enc, p))
+    # the prior points the prompt at the Trouser class direction (class 0 of NAMES)
+    cents = class_centroids(centre(enc.caption_bank, enc.text_mean), enc.caption_labels, 2)
+    assert int((text_target(enc, p, 0.01) @ cents.T).argmax()) == 0
+    # an encoder without a bank (an earlier condiff's) keeps the plain embedding; asking for the prior is an error
+    old = SimilarityEncoder(in_channels=1, image_size=8, channels=(8, 16), dim=16, clean=False, text_dim=384)
+    assert "captions" not in old.config and old.text_mean is None
+    assert torch.allclose(text_target(old, p), p)
+    with pytest.raises(CondiffError, match="no caption bank"):
+        text_target(old, p, 0.25)
+    with pytest.raises(CondiffError, match="caption bank of shape"):
+        enc.set_captions(enc.caption_bank[:3], enc.caption_labels[:3])
+
+
 def test_random_shift_translates_with_replicated_edges():
     x = torch.arange(16.0).view(1, 1, 4, 4).expand(3, 1, 4, 4)
     g = torch.Generator().manual_seed(0)
@@ -317,9 +368,11 @@ def test_caption_bank_is_cached_per_run(text_encoder, tmp_path):
 
 def test_held_out_prompts_are_not_training_captions():
     train = set(training_captions(list(SYNONYMS))[0])
-    assert len(HELD_OUT_PROMPTS) >= 10
-    assert all(p not in train for p, _ in HELD_OUT_PROMPTS)
-    assert all(set(classes) <= set(SYNONYMS) for _, classes in HELD_OUT_PROMPTS)
+    for prompts in (HELD_OUT_PROMPTS, FRESH_PROMPTS):
+        assert len(prompts) >= 10
+        assert all(p not in train for p, _ in prompts)
+        assert all(set(classes) <= set(SYNONYMS) for _, classes in prompts)
+    assert not {p for p, _ in HELD_OUT_PROMPTS} & {p for p, _ in FRESH_PROMPTS}
 
 
 def test_missing_text_extra_is_a_one_line_error(monkeypatch):
@@ -429,6 +482,8 @@ def test_cli_scale_zero_equals_unguided(capsys, cli_files, tmp_path):
     (["--image", "REF", "--image-encoder", "CLF"], "not an image encoder"),
     (["--image", "REF", "--image-encoder", "IMG", "--image-scale", "-1"], "expected a finite number"),
     (["--text", "  ", "--text-encoder", "TXT"], "non-empty"),
+    (["--text-prior", "0.5"], "--text-prior needs --text"),
+    (["--text", "a bag", "--text-encoder", "TXT", "--text-prior", "-1"], "expected a finite number"),
 ])
 def test_cli_similarity_bad_input_is_one_line(capsys, cli_files, tmp_path, args, needle):
     subs = dict(cli_files, MISSING=tmp_path / "nope.png")
@@ -485,7 +540,7 @@ def test_sweep_methods_text_and_image(cli_files, data, text_encoder, model):
     assert eps is model and cond is None and terms[0].scale == 2.5
     assert torch.allclose(terms[0].target, refs[labels], atol=1e-6)
     eps, cond, terms = get_method("text")(ctx, 4.0, labels)
-    want = text_encoder[0].encode(["long pants", "a photo of a bag"])
+    want = text_target(load_encoder(cli_files["TXT"], "text")[0], text_encoder[0].encode(["long pants", "a photo of a bag"]))
     assert torch.allclose(terms[0].target, want[torch.tensor([1, 0, 1])], atol=1e-6)
     with pytest.raises(CondiffError, match="text_encoder"):
         get_method("text")(SweepContext(model=model, schedule=S, shape=(1, 8, 8), class_names=NAMES), 1.0, labels)
@@ -498,7 +553,7 @@ def test_demo_adds_text_image_and_style_sections(capsys, cli_files, tmp_path):
                             "--per-class", "2", "--no-progress", "--device", "cpu")
     assert code == 0, err
     files = {f.name for f in (tmp_path / "d").iterdir()}
-    pairs = [("text-s0.png", "text-s300.png"), ("image-s0.png", "image-s100.png"), ("style-s0.png", "style-s10.png")]
+    pairs = [("text-s0.png", "text-s100.png"), ("image-s0.png", "image-s100.png"), ("style-s0.png", "style-s10.png")]
     assert {"references.png", *(f for p in pairs for f in p)} <= files
     for plain, guided in pairs:  # same seed: only the guidance term differs
         a, b = (np.asarray(Image.open(tmp_path / "d" / f)) for f in (plain, guided))

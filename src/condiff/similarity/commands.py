@@ -14,9 +14,11 @@ from pathlib import Path
 
 from ..errors import CondiffError
 from ..validation import float_range, int_range, nonneg_float
+from .tasks import DEFAULT_ALIGN
+from .terms import DEFAULT_TEXT_PRIOR
 
 EQS = "Article eqs 11-15: mean shift sigma_t^2 * gamma * grad sim(x_t, y), sim = cos(E1(x_t), E2(y))."
-DEFAULT_SCALES = {"text": 300.0, "image": 100.0, "style": 10.0}  # tuned on Fashion-MNIST (docs/similarity.md)
+DEFAULT_SCALES = {"text": 100.0, "image": 100.0, "style": 10.0}  # tuned on Fashion-MNIST (docs/similarity.md)
 DEFAULT_TAU = {"image": 0.1, "text": 0.07}
 
 
@@ -45,9 +47,9 @@ def add_train_encoder_parser(sub, add_train_common, epilog: str) -> argparse.Arg
     p.add_argument("--shift", type=_shift, default=2,
                    help="image: random-shift augmentation of E2 training, in pixels (default 2; 0 = off)")
     p.add_argument("--t-max", type=_pos_int, default=None, help="train E1 only on t < T_MAX (default T)")
-    p.add_argument("--align", type=_align, default=1.0,
+    p.add_argument("--align", type=_align, default=DEFAULT_ALIGN,
                    help="text: weight of the term 1 - cos(proj(E1(x_t)), mean caption embedding of the class) "
-                        "added to the contrastive loss (default 1; 0 = contrastive only)")
+                        f"added to the contrastive loss (default {DEFAULT_ALIGN:g}; 0 = contrastive only)")
     p.add_argument("--init", default=None,
                    help="text: initialise E1 from this image-encoder checkpoint (same --channels/--blocks/--dim)")
     p.set_defaults(func=cmd_train_encoder)
@@ -79,7 +81,7 @@ def cmd_train_encoder(args) -> int:
     from ..pipeline import resolve_device
     from ..schedule import make_schedule
     from ..training import classifier_accuracy_by_t
-    from .tasks import TextAlignTask, caption_bank, train_image_encoder, train_text_encoder
+    from .tasks import TextAlignTask, train_image_encoder, train_text_encoder
     from .terms import load_encoder
 
     if getattr(args, "compile", False):
@@ -115,8 +117,7 @@ def cmd_train_encoder(args) -> int:
         final = train_text_encoder(data, args.out, schedule, text, cfg=_train_config(args), align=args.align,
                                    init=args.init, **common)
         enc, _ = load_encoder(final, "text", device)
-        _, bank, labels = caption_bank(names, text, Path(args.out) / "captions.safetensors")
-        task = TextAlignTask(schedule, bank, labels, tau, align=args.align)
+        task = TextAlignTask.for_encoder(enc, schedule, tau, align=args.align)
         score = lambda x, t: task.class_logits(enc(x, t, "text"))  # noqa: E731
         label = "held-out caption-retrieval accuracy by t-range"
     acc = classifier_accuracy_by_t(score, schedule, _held_out(args, data), n=1000, device=device)
@@ -136,6 +137,11 @@ def add_similarity_sample_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-scale", type=nonneg_float, default=None,
                    help=f"text guidance scale gamma (default {DEFAULT_SCALES['text']:g})")
     g.add_argument("--text-encoder", default=None, help="text encoder checkpoint (condiff train-encoder --kind text)")
+    g.add_argument("--text-prior", type=nonneg_float, default=None, metavar="T",
+                   help="map the prompt onto the caption classes the encoder was aligned with: target = "
+                        "sum_k softmax_k(caption similarity / T) * class direction (default "
+                        f"{DEFAULT_TEXT_PRIOR:g} for encoders that store their caption bank; 0 = the prompt's "
+                        "own embedding, eq 15 as written)")
     g.add_argument("--image", default=None, help="reference image file (any size; converted and resized): "
                                                  "sim = cos(E1(x_t), E2(image)); needs --image-encoder")
     g.add_argument("--image-index", type=int, default=None,
@@ -199,6 +205,8 @@ def similarity_terms(args, schedule, shape, device) -> list:
         scale("style", args.style is not None)
     if args.image_index is None and args.ref_data is not None:
         raise CondiffError("--ref-data applies to --image-index")
+    if args.text_prior is not None and args.text is None:
+        raise CondiffError("--text-prior needs --text")
     if getattr(args, "use_shipped", False):  # the shipped eps-model: the shipped encoders are the defaults
         from ..zoo import shipped
 
@@ -212,7 +220,8 @@ def similarity_terms(args, schedule, shape, device) -> list:
         from .text import load_text_encoder
 
         enc = _encoder(args.text_encoder, "text", shape, device, args.trust_pickle)
-        terms.append(TextSimilarity.from_prompt(enc, args.text, s_text, load_text_encoder(device)))
+        terms.append(TextSimilarity.from_prompt(enc, args.text, s_text, load_text_encoder(device),
+                                                prior=args.text_prior))
     if has_image:
         if not args.image_encoder:
             raise CondiffError("--image/--image-index need --image-encoder CKPT (condiff train-encoder --kind image)")

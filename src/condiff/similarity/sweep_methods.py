@@ -19,7 +19,7 @@ import torch
 from ..errors import CondiffError
 from ..guidance import NullBranch
 from .captions import class_phrases
-from .terms import EmbeddingSimilarity, TextSimilarity, load_encoder
+from .terms import EmbeddingSimilarity, TextSimilarity, load_encoder, text_target
 
 __all__ = ["SWEEP_METHODS"]
 
@@ -36,7 +36,11 @@ def _unconditional(ctx):
 
 
 def _text_method(ctx, scale: float, labels: torch.Tensor):
-    """Text guidance toward each sample's class prompt: sim = cos(proj(E1(x_t, t)), E_text(prompt_k))."""
+    """Text guidance toward each sample's class prompt: sim = cos(proj(E1(x_t, t)), E_text(prompt_k)).
+
+    The prompt embeddings go through :func:`~.terms.text_target` (``--option text_prior=T``; default
+    the encoder's default), as in ``condiff sample --text``.
+    """
     if "text" not in ctx.cache:
         from .text import load_text_encoder
 
@@ -44,7 +48,12 @@ def _text_method(ctx, scale: float, labels: torch.Tensor):
                               ctx.device)
         prompts = [ctx.options.get(f"prompt{k}") or f"a photo of {class_phrases(name)[0]}"
                    for k, name in enumerate(ctx.class_names)]
-        ctx.cache["text"] = (enc, load_text_encoder(ctx.device).encode(prompts))
+        prior = ctx.options.get("text_prior")
+        try:
+            prior = None if prior is None else float(prior)
+        except ValueError:
+            raise CondiffError(f"text_prior must be a number, got {prior!r}") from None
+        ctx.cache["text"] = (enc, text_target(enc, load_text_encoder(ctx.device).encode(prompts), prior))
     enc, emb = ctx.cache["text"]
     return _unconditional(ctx), None, [TextSimilarity(lambda x, t: enc(x, t, "text"), emb[labels], scale)]
 

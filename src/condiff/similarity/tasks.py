@@ -37,10 +37,13 @@ from ..errors import CondiffError
 from ..nets import SimilarityEncoder
 from ..schedule import Schedule
 from ..training import T_RANGES, TrainConfig, train
-from .captions import training_captions
+from .captions import caption_class_logits, centre, class_centroids, training_captions
 
-__all__ = ["CleanEncoderTask", "EncoderTask", "TextAlignTask", "random_shift", "info_nce", "caption_bank",
-           "train_image_encoder", "train_text_encoder"]
+__all__ = ["DEFAULT_ALIGN", "CleanEncoderTask", "EncoderTask", "TextAlignTask", "random_shift", "info_nce",
+           "caption_bank", "train_image_encoder", "train_text_encoder"]
+
+
+DEFAULT_ALIGN = 10.0  # weight of TextAlignTask's alignment term (docs/similarity.md: 10 steers better than 1)
 
 
 def random_shift(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -149,7 +152,7 @@ class TextAlignTask:
     name = "text-encoder"
 
     def __init__(self, schedule: Schedule, bank: torch.Tensor, bank_labels: torch.Tensor, tau: float = 0.07,
-                 t_max: int | None = None, align: float = 1.0):
+                 t_max: int | None = None, align: float = DEFAULT_ALIGN):
         self.schedule, self.tau, self.t_max = schedule, _check_tau(tau), _check_t_max(schedule, t_max)
         self.align = float(align)
         if not 0 <= self.align <= 100:
@@ -160,21 +163,24 @@ class TextAlignTask:
         counts = torch.bincount(self.bank_labels, minlength=self.num_classes)
         if (counts == 0).any():
             raise CondiffError("every class needs at least one caption")
-        self.log_counts = counts.float().log()
-        sums = torch.zeros(self.num_classes, self.bank.shape[1]).index_add_(0, self.bank_labels, self.bank)
-        self.centroids = F.normalize(sums, dim=-1)
+        self.centroids = class_centroids(self.bank, self.bank_labels, self.num_classes)
+
+    @classmethod
+    def for_encoder(cls, encoder, schedule: Schedule, tau: float = 0.07, t_max: int | None = None,
+                    align: float = DEFAULT_ALIGN) -> "TextAlignTask":
+        """The task against the caption bank stored in ``encoder``, centred on its mean."""
+        if not getattr(encoder, "captions", 0):
+            raise CondiffError("this text encoder stores no caption bank")
+        return cls(schedule, centre(encoder.caption_bank, encoder.text_mean), encoder.caption_labels, tau, t_max,
+                   align)
 
     def config(self) -> dict:
         return {"task": self.name, "tau": self.tau, "t_max": self.t_max, "captions": int(self.bank.shape[0]),
-                "align": self.align}
+                "align": self.align, "centred": True}
 
     def class_logits(self, z: torch.Tensor) -> torch.Tensor:
         """(B, K) log mean exp of caption similarities / tau per class."""
-        s = F.normalize(z.float(), dim=-1) @ self.bank.to(z.device).T / self.tau        # (B, M)
-        lab = self.bank_labels.to(z.device)
-        masked = s[:, None, :].masked_fill(lab[None, None, :] != torch.arange(self.num_classes, device=z.device)[
-            None, :, None], float("-inf"))                                                   # (B, K, M)
-        return torch.logsumexp(masked, dim=-1) - self.log_counts.to(z.device)
+        return caption_class_logits(z, self.bank, self.bank_labels, self.num_classes, self.tau)
 
     def loss(self, model, x0, y, generator):
         if int(y.max()) >= self.num_classes:
@@ -246,8 +252,8 @@ def train_image_encoder(data: ImageDataset, out: str | Path, schedule: Schedule,
 
 def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, text_encoder, *, arch: dict,
                        dim: int = 64, cfg: TrainConfig, tau: float = 0.07, t_max: int | None = None,
-                       align: float = 1.0, init: str | Path | None = None, meta: dict | None = None, device="cpu",
-                       resume: bool = True, progress: bool = True) -> Path:
+                       align: float = DEFAULT_ALIGN, init: str | Path | None = None, meta: dict | None = None,
+                       device="cpu", resume: bool = True, progress: bool = True) -> Path:
     """Align proj(E1(x_t, t)) with caption embeddings of the data's classes; returns the final checkpoint.
 
     Args:
@@ -262,15 +268,17 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
     if not data.class_names:
         raise CondiffError("text alignment needs class names (Fashion-MNIST, an image folder, or an .npz "
                            "with class_names)")
+    _, bank, labels = caption_bank(data.class_names, text_encoder, out / "captions.safetensors")
     torch.manual_seed(cfg.seed)  # the initial weights follow the seed, as in train()
-    enc = SimilarityEncoder(**_arch(data, arch), dim=dim, clean=False, text_dim=text_encoder.dim).to(device)
+    enc = SimilarityEncoder(**_arch(data, arch), dim=dim, clean=False, text_dim=text_encoder.dim,
+                            captions=len(labels)).to(device)
+    enc.set_captions(bank, labels)  # saved with the weights: guidance maps prompts onto it
     if init is not None:
         src, src_cfg = load_model(init, device)
         if src_cfg.get("task") != "encoder" or src.e1.config != enc.e1.config:
             raise CondiffError(f"{init}: not an image encoder with this architecture (--channels, --blocks, "
                                "--stem, --dim must match)")
         enc.e1.load_state_dict(src.e1.state_dict())
-    _, bank, labels = caption_bank(data.class_names, text_encoder, out / "captions.safetensors")
     meta = dict(meta or {}, schedule=schedule.config(), text_model=text_encoder.name)
-    return train(enc, TextAlignTask(schedule, bank, labels, tau, t_max, align), data, cfg, out, meta=meta,
+    return train(enc, TextAlignTask.for_encoder(enc, schedule, tau, t_max, align), data, cfg, out, meta=meta,
                  device=device, resume=resume, progress=progress)

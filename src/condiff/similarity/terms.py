@@ -7,7 +7,8 @@ factors sigma_t^2 (mean shift, eq 14) or bbar_t (score form, eq 19) all come fro
 :class:`ScoreGuided`, on every sampler, and terms with separate scales add up.
 
 * :class:`ImageSimilarity`  sim = cos(E1(x_t, t), E2(y)) for a reference image y (eq 15);
-* :class:`TextSimilarity`   sim = cos(proj(E1(x_t, t)), E_text(prompt)) (eq 15, y a text);
+* :class:`TextSimilarity`   sim = cos(proj(E1(x_t, t)), E_text(prompt)) (eq 15, y a text), the prompt
+  mapped onto the caption classes the projection was aligned with (:func:`text_target`);
 * :class:`StyleSimilarity`  sim = -sum_l ||G^_l(x_t) - G^_l(style)||^2, unit-norm Gram matrices G^ of
   encoder feature maps (the article's remark under eq 15 on style transfer).
 
@@ -25,9 +26,12 @@ import torch.nn.functional as F
 from ..errors import CondiffError
 from ..guidance import SimilarityTerm
 from ..schedule import Schedule
+from .captions import caption_prior, centre
 
-__all__ = ["EmbeddingSimilarity", "ImageSimilarity", "TextSimilarity", "StyleSimilarity", "gram",
-           "gram_distance", "cosine", "load_encoder"]
+__all__ = ["DEFAULT_TEXT_PRIOR", "EmbeddingSimilarity", "ImageSimilarity", "TextSimilarity", "text_target",
+           "StyleSimilarity", "gram", "gram_distance", "cosine", "load_encoder"]
+
+DEFAULT_TEXT_PRIOR = 0.25  # temperature of caption_prior (docs/similarity.md: held-out prompts)
 
 Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -99,7 +103,8 @@ class TextSimilarity(EmbeddingSimilarity):
 
     Args:
         image_side: ``f(x_t, t) -> (B, D_text)``, E1 followed by its projection.
-        text_embedding: E_text(prompt), (D_text,) or (B, D_text).
+        text_embedding: the prompt's target in that space, (D_text,) or (B, D_text):
+            :func:`text_target` of E_text(prompt).
     """
 
     def __init__(self, image_side: Embed, text_embedding: torch.Tensor, scale: float = 1.0):
@@ -107,8 +112,12 @@ class TextSimilarity(EmbeddingSimilarity):
 
     @classmethod
     def from_prompt(cls, encoder, prompt: str | Sequence[str], scale: float = 1.0,
-                    text_encoder=None) -> "TextSimilarity":
-        """From a text-aligned :class:`~condiff.nets.SimilarityEncoder` and a prompt (or one per sample)."""
+                    text_encoder=None, prior: float | None = None) -> "TextSimilarity":
+        """From a text-aligned :class:`~condiff.nets.SimilarityEncoder` and a prompt (or one per sample).
+
+        ``prior``: see :func:`text_target` (default :data:`DEFAULT_TEXT_PRIOR` when the
+        encoder stores its caption bank).
+        """
         from .text import load_text_encoder
 
         if encoder.proj is None:
@@ -117,8 +126,29 @@ class TextSimilarity(EmbeddingSimilarity):
         if text_encoder.dim != encoder.text_dim:
             raise CondiffError(f"the encoder expects {encoder.text_dim}-d text embeddings, "
                                f"the text encoder gives {text_encoder.dim}-d")
-        emb = text_encoder.encode(prompt)
-        return cls(lambda x, t: encoder(x, t, "text"), emb, scale)
+        return cls(lambda x, t: encoder(x, t, "text"), text_target(encoder, text_encoder.encode(prompt), prior), scale)
+
+
+def text_target(encoder, emb: torch.Tensor, prior: float | None = None) -> torch.Tensor:
+    """E_text(prompt) -> the vector that eq 15's cosine compares proj(E1(x_t, t)) with.
+
+    With a caption bank in ``encoder`` and ``prior`` > 0: :func:`~.captions.caption_prior`
+    at temperature ``prior`` (the class directions the image side was aligned with, weighted
+    by how well each class's captions describe the prompt).  With ``prior`` = 0: the prompt's
+    own embedding, centred on the bank's mean when there is a bank.  ``None``: the default,
+    :data:`DEFAULT_TEXT_PRIOR` with a bank, 0 without (encoders trained before banks were stored).
+    """
+    bank = getattr(encoder, "captions", 0)
+    if prior is None:
+        prior = DEFAULT_TEXT_PRIOR if bank else 0.0
+    if prior < 0:
+        raise CondiffError(f"the text prior's temperature must be >= 0, got {prior}")
+    if prior > 0 and not bank:
+        raise CondiffError("this text encoder stores no caption bank (trained by an earlier condiff); "
+                           "use --text-prior 0 or retrain it")
+    if prior > 0:
+        return caption_prior(emb, encoder.caption_bank.cpu(), encoder.caption_labels.cpu(), prior)
+    return centre(emb, None if not bank else encoder.text_mean.cpu())
 
 
 def gram(f: torch.Tensor) -> torch.Tensor:
