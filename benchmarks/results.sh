@@ -24,7 +24,7 @@ OUT=${OUT:-runs/results}
 CONDIFF=${CONDIFF:-.venv/bin/condiff}
 PYTHON=${PYTHON:-.venv/bin/python}
 METHODS=${METHODS:-cfg classifier text image}
-declare -A SCALES=([cfg]=${CFG_SCALES:-0,1,2,4} [classifier]=${CLF_SCALES:-0,2,4,8,16}
+declare -A SCALES=([cfg]=${CFG_SCALES:-0,1,2,4} [classifier]=${CLF_SCALES:-0,4,16,32}
                    [text]=${TEXT_SCALES:-0,100,300} [image]=${IMAGE_SCALES:-0,30,100})
 declare -A EXTRA=([cfg]="" [classifier]="--classifier $CLF" [text]="--eta 1 --option text_encoder=$TEXT"
                   [image]="--eta 1 --option image_encoder=$IMAGE")
