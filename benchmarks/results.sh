@@ -40,7 +40,7 @@ sweep() {  # sweep METHOD: one guidance family at its scales
     --n "$N" --steps "$STEPS" --judge "$JUDGE" --no-progress --device cpu ${EXTRA[$1]} > "$OUT/$1.log" 2>&1
 }
 
-held_out() {  # text guidance on held-out paraphrases, image guidance on 50 test references
+held_out() {  # text guidance on held-out paraphrases; image guidance on 500 random test references, prior 0 and 1
   wanted text || wanted image || return 0
   if [ -f "$OUT/similarity.json" ]; then echo "reusing $OUT/similarity.json (delete it to measure again)"; return 0; fi
   echo "[$(date +%H:%M:%S)] similarity_eval"
@@ -48,7 +48,7 @@ held_out() {  # text guidance on held-out paraphrases, image guidance on 50 test
   wanted text && enc+=(--text-encoder "$TEXT" --text-scales "${HELD_OUT_TEXT_SCALES:-100,300}")
   wanted image && enc+=(--image-encoder "$IMAGE" --image-scales "${HELD_OUT_IMAGE_SCALES:-100}")
   OMP_NUM_THREADS=1 "$PYTHON" benchmarks/similarity_eval.py --ckpt "$MODEL" --judge "$JUDGE" "${enc[@]}" \
-    --per-prompt 40 --refs-per-class 5 --per-ref 10 --eta 1 --steps "$STEPS" --out "$OUT/similarity.json" \
+    --per-prompt 40 --refs-per-class 50 --per-ref 2 --eta 1 --steps "$STEPS" --out "$OUT/similarity.json" \
     > "$OUT/similarity.log" 2>&1
 }
 

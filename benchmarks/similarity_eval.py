@@ -4,9 +4,12 @@ Text guidance: for each held-out paraphrase (condiff.similarity.captions.HELD_OU
 FRESH_PROMPTS, none of them a training caption) sample the unconditional model guided by
 sim = cos(proj(E1(x_t, t)), text_target(E_text(prompt))) and count the samples that an independent
 judge classifies as one of the prompt's intended classes (goal >= 80%).
-Image guidance: for reference images of the test split (the same number per class) sample
-guided by sim = cos(E1(x_t, t), E2(ref)) and count the samples of the reference's class
-(goal >= 85%).  Unguided samples from the same x_T give the chance level.
+Image guidance: for reference images drawn at random from the test split (the same number per
+class) sample guided by sim = cos(E1(x_t, t), target(E2(ref))), once for each --image-priors weight
+(0: E2(ref) itself, eq 15 as written; > 0: condiff.similarity.prototype_prior), and count the
+samples of the reference's class (goal >= 85%), the samples the judge puts in the class it gives
+the reference itself, and the mean cos(E2(sample), E2(ref)) (how close to the reference itself).
+Unguided samples from the same x_T give the chance level.
 
 The judge is a clean-image classifier that shares nothing with the guidance networks:
 a `condiff train-judge` checkpoint, or a `condiff train-classifier` checkpoint evaluated at t = 0.
@@ -33,7 +36,7 @@ from condiff.pipeline import generate, guided_model, load_diffusion, resolve_dev
 from condiff.similarity import ImageSimilarity, TextSimilarity, load_encoder
 from condiff.similarity.captions import FRESH_PROMPTS, HELD_OUT_PROMPTS
 from condiff.similarity.commands import DEFAULT_SCALES
-from condiff.similarity.terms import text_target
+from condiff.similarity.terms import DEFAULT_IMAGE_PRIOR, text_target
 from condiff.similarity.text import load_text_encoder
 
 
@@ -72,12 +75,24 @@ def zero_shot(enc, te, schedule, names, device, prior, n: int = 1000, ts=(0, 200
 def sampler(model, schedule, shape, args, device):
     conditional = getattr(model, "conditional", False)
 
-    def run(terms, n):
+    def run(terms, n, start=0):
         eps, _ = guided_model(model, schedule, unconditional=conditional, terms=terms)
         with torch.no_grad():
             return generate(eps, schedule, n, shape=shape, steps=args.steps, eta=args.eta, seed=args.seed,
-                            batch_size=args.batch_size, device=device, clip_x0=args.clip_x0)
+                            batch_size=args.batch_size, device=device, clip_x0=args.clip_x0, start=start)
     return run
+
+
+def references(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Indices of ``per_class`` random test images of every class (seeded), grouped by class."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(int(labels.max()) + 1):
+        hits = (labels == k).nonzero()[:, 0]
+        if len(hits) < per_class:
+            raise CondiffError(f"class {k} has {len(hits)} test images, fewer than --refs-per-class {per_class}")
+        out.append(hits[torch.randperm(len(hits), generator=g)[:per_class]])
+    return torch.cat(out)
 
 
 def main(argv=None) -> int:
@@ -91,8 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--text-prior", type=float, default=None,
                    help="temperature of the caption prior (default: the encoder's default; 0 = raw prompt)")
     p.add_argument("--per-prompt", type=int, default=20, help="samples per prompt (default 20)")
-    p.add_argument("--refs-per-class", type=int, default=2, help="reference images per class (default 2)")
-    p.add_argument("--per-ref", type=int, default=10, help="samples per reference image (default 10)")
+    p.add_argument("--image-priors", type=floats, default=[0.0, DEFAULT_IMAGE_PRIOR],
+                   help=f"comma-separated prototype-prior weights (default 0,{DEFAULT_IMAGE_PRIOR:g})")
+    p.add_argument("--refs-per-class", type=int, default=50, help="reference images per class (default 50)")
+    p.add_argument("--ref-seed", type=int, default=0, help="seed of the random choice of references (default 0)")
+    p.add_argument("--per-ref", type=int, default=2, help="samples per reference image (default 2)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 = DDPM variance (default 0)")
     p.add_argument("--clip-x0", type=float, default=1.0,
@@ -151,29 +169,44 @@ def main(argv=None) -> int:
     if args.image_encoder:
         enc, _ = load_encoder(args.image_encoder, "image", device)
         test = load_dataset(None, "test")
-        idx = torch.cat([(test.labels == k).nonzero()[:args.refs_per_class, 0] for k in range(len(names))])
-        plain = judge(run([], args.per_ref))
-        report["image"]["references"] = idx.tolist()
-        report["image"]["judge_on_references"] = float((judge(test.images[idx]) == test.labels[idx]).float().mean())
+        idx = references(test.labels, args.refs_per_class, args.ref_seed)
+        refs = test.images[idx].repeat_interleave(args.per_ref, 0)  # one reference per sample
+        want = test.labels[idx].repeat_interleave(args.per_ref, 0)
+        judged = judge(test.images[idx]).repeat_interleave(args.per_ref, 0)
+        with torch.no_grad():
+            e_ref = torch.nn.functional.normalize(enc(refs.to(device), None, "e2"), dim=-1).cpu()
+        plain = judge(run([], len(refs)))
+        report["image"].update(references=idx.tolist(), samples_per_reference=args.per_ref,
+                               ref_seed=args.ref_seed, chance=float((plain == want).float().mean()),
+                               judge_on_references=float((judged[::args.per_ref] == want[::args.per_ref])
+                                                         .float().mean()))
         for scale in args.image_scales:
-            t0, hits, total, per_class = time.time(), 0, 0, {}
-            chance = 0.0
-            for i in idx.tolist():
-                k = int(test.labels[i])
-                x = run([ImageSimilarity.from_encoder(enc, test.images[i], scale)], args.per_ref)
-                ok = int((judge(x) == k).sum())
-                hits, total = hits + ok, total + len(x)
-                chance += float((plain == k).float().mean()) / len(idx)
-                per_class.setdefault(names[k], []).append(ok / len(x))
-                if grids:
-                    save_grid(torch.cat([test.images[i][None], x]), grids / f"image-{scale:g}-{i}.png",
-                              nrow=len(x) + 1)
-            report["image"][f"{scale:g}"] = {"share_of_reference_class": hits / total, "samples": total,
-                                             "chance": chance,
-                                             "per_class": {c: sum(v) / len(v) for c, v in per_class.items()},
-                                             "seconds": round(time.time() - t0, 1)}
-            print(f"image gamma={scale:g}: {hits / total:.3f} of {total} samples share the reference's class "
-                  f"(chance {chance:.3f})")
+            for prior in args.image_priors:
+                t0, preds, cos = time.time(), [], []
+                for lo in range(0, len(refs), args.batch_size):  # a batch of samples, each its own reference
+                    ref = refs[lo:lo + args.batch_size]
+                    x = run([ImageSimilarity.from_encoder(enc, ref, scale, prior=prior)], len(ref), start=lo)
+                    preds.append(judge(x))
+                    with torch.no_grad():
+                        z = torch.nn.functional.normalize(enc(x.to(device), None, "e2"), dim=-1).cpu()
+                    cos.append((z * e_ref[lo:lo + args.batch_size]).sum(1))
+                    if grids and lo == 0:
+                        save_grid(torch.cat([ref[::args.per_ref], x]), grids / f"image-{scale:g}-prior-{prior:g}.png",
+                                  nrow=10)
+                pred, cos = torch.cat(preds), torch.cat(cos)
+                ok = pred == want
+                row = {"share_of_reference_class": float(ok.float().mean()),
+                       "share_of_judged_reference_class": float((pred == judged).float().mean()),
+                       "cos_to_reference_e2": float(cos.mean()), "samples": len(pred),
+                       "per_class": {names[k]: float(ok[want == k].float().mean()) for k in range(len(names))},
+                       "seconds": round(time.time() - t0, 1)}
+                report["image"][f"{scale:g}/prior {prior:g}"] = row
+                print(f"image gamma={scale:g} prior={prior:g}: {row['share_of_reference_class']:.3f} of {len(pred)} "
+                      f"samples ({len(idx)} references) share the reference's class, "
+                      f"{row['share_of_judged_reference_class']:.3f} the class the judge gives the reference; "
+                      f"cos(E2(sample), E2(ref)) {row['cos_to_reference_e2']:.3f} "
+                      f"(chance {report['image']['chance']:.3f}; judge on the references "
+                      f"{report['image']['judge_on_references']:.3f})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -321,6 +321,8 @@ CASES = [  # (argv, what the one-line error must say)
     (SAMPLE + ["--class", "top left"], "unknown class"),
     (SAMPLE + ["--steps", "2147483648"], "argument --steps"),
     (SAMPLE + ["--batch-size", "0"], "argument --batch-size"),
+    (SAMPLE + ["--batch-size=--"], "argument --batch-size: expected one argument"),  # argparse gives [] untyped
+    (SAMPLE + ["--class=--"], "argument --class: expected one argument"),
     (SAMPLE + ["--n", "100001"], "argument --n"),
     (SAMPLE + ["--seed", "-1"], "argument --seed"),
     (SAMPLE + ["--seed", "4294967296"], "argument --seed"),
@@ -346,6 +348,7 @@ CASES = [  # (argv, what the one-line error must say)
     (["train", *TRAIN, "--data", "FILE"], "unsupported data file"),
     (["train", *TRAIN, "--data", "TINYNPZ"], "larger than the data (1 images)"),
     (["train", *TRAIN, "--batch-size", "65"], "larger than the data (64 images)"),
+    (["train-encoder", "--kind", "text", *TRAIN, "--batch-size=--"], "argument --batch-size: expected one argument"),
     (["train", *TRAIN, "--image-size", "12"], "not --image-size 12"),
     (["train", *TRAIN, "--T", "0"], "argument --T"),
     (["train", *TRAIN, "--T", "100001"], "argument --T"),

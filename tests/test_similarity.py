@@ -28,7 +28,7 @@ from condiff.schedule import cosine_schedule
 from condiff.similarity import (ImageSimilarity, StyleSimilarity, TextSimilarity, gram_distance, load_encoder,
                                 train_image_encoder, train_text_encoder)
 from condiff.similarity import text as text_mod
-from condiff.similarity.terms import DEFAULT_TEXT_PRIOR, text_target
+from condiff.similarity.terms import DEFAULT_IMAGE_PRIOR, DEFAULT_TEXT_PRIOR, prototype_prior, text_target
 from condiff.similarity.captions import (FRESH_PROMPTS, HELD_OUT_PROMPTS, SYNONYMS, caption_prior, centre, class_centroids,
                                         training_captions)
 from condiff.similarity.tasks import TextAlignTask, caption_bank, random_shift
@@ -141,7 +141,7 @@ def test_gradients_reach_x_only_and_leave_encoders_unchanged(image_encoder, data
 def test_image_similarity_is_the_cosine_of_eq_15_and_its_gradient(image_encoder, data):
     enc = image_encoder[0]
     ref = reference(data, 1)
-    term = ImageSimilarity.from_encoder(enc, ref, 1.0)
+    term = ImageSimilarity.from_encoder(enc, ref, 1.0, prior=0.0)  # eq 15 as written: E2(y) itself
     x, t = x_T(3, 4), torch.full((4,), 30)
     with torch.no_grad():
         want = F.cosine_similarity(enc.e1(x, t), enc.e2(ref[None]), dim=-1)
@@ -183,6 +183,44 @@ def test_composition_of_two_terms_is_the_sum_of_their_gradients(image_encoder, d
     assert torch.allclose(guided, model(x, t) - bbar * (g_img + g_sty), rtol=1e-5, atol=1e-6)
 
 
+def test_prototype_prior_pulls_the_reference_toward_the_classes_E2_ranks_nearest():
+    protos = torch.tensor([[2.0, 0, 0], [0, 3.0, 0], [0, 0, 1.0]])  # any norm: the prior uses their directions
+    e = torch.tensor([[0.8, 0.6, 0.0], [0.0, 0.6, 0.8]]) * 5  # any norm for E2(y) too
+    unit = F.normalize(e, dim=-1)
+    assert torch.allclose(prototype_prior(e, protos, 0.0), unit)
+    w = torch.softmax(unit @ torch.eye(3) / 0.1, dim=-1)  # E2's class posterior at its training temperature
+    want = F.normalize(unit + 2.0 * w @ torch.eye(3), dim=-1)
+    assert torch.allclose(prototype_prior(e, protos, 2.0), want, atol=1e-6)
+    # a larger weight turns the target toward the most likely class: e[0] is closest to prototype 0, e[1] to 2
+    for k, row in ((0, 0), (2, 1)):
+        cos = [float(prototype_prior(e, protos, wt)[row, k]) for wt in (0.0, 1.0, 100.0)]
+        assert cos[0] < cos[1] < cos[2] and cos[2] > 0.99
+    with pytest.raises(CondiffError, match="weight must be >= 0"):
+        prototype_prior(e, protos, -1.0)
+
+
+def test_image_prior_defaults_on_for_encoders_with_prototypes(image_encoder, data):
+    enc = image_encoder[0]
+    ref = reference(data, 1)
+    with torch.no_grad():
+        e2 = enc.e2(ref[None])
+    assert enc.prototypes is not None
+    assert torch.allclose(ImageSimilarity.from_encoder(enc, ref).target,
+                          prototype_prior(e2, enc.prototypes.detach(), DEFAULT_IMAGE_PRIOR), atol=1e-6)
+    assert torch.allclose(ImageSimilarity.from_encoder(enc, ref, prior=0.0).target, e2)
+    # E2 classifies the reference: the prior raises the cosine of the target with the reference's prototype
+    p1 = F.normalize(enc.prototypes[1].detach(), dim=0)
+    cos = [float(F.normalize(ImageSimilarity.from_encoder(enc, ref, prior=w).target, dim=-1)[0] @ p1)
+           for w in (0.0, 1.0)]
+    assert cos[0] < cos[1]
+    # without prototypes the default is E2(y) itself, and asking for the prior is an error
+    bare = SimilarityEncoder(in_channels=1, image_size=8, channels=(8, 16), dim=16, clean=True, num_classes=0)
+    with torch.no_grad():
+        assert torch.allclose(ImageSimilarity.from_encoder(bare, ref).target, bare.e2(ref[None]))
+    with pytest.raises(CondiffError, match="no class prototypes"):
+        ImageSimilarity.from_encoder(bare, ref, prior=1.0)
+
+
 def test_user_defined_similarity_is_a_guidance_term(model, gm, data):
     target = reference(data, 0)
     sim = lambda x, t: -(x - target).pow(2).flatten(1).sum(1)  # noqa: E731
@@ -201,14 +239,15 @@ def test_a_sim_with_the_wrong_shape_is_a_one_line_error():
 
 
 # ----------------------------------------------------------------------------- effects on samples
-def test_image_guidance_brings_samples_closer_to_the_reference_in_E2_space(image_encoder, data, model, gm):
+@pytest.mark.parametrize("prior", [0.0, None])  # eq 15 as written, and the default prototype prior
+def test_image_guidance_brings_samples_closer_to_the_reference_in_E2_space(image_encoder, data, model, gm, prior):
     enc = image_encoder[0]
     for k in (0, 1):
         ref = reference(data, k)
         with torch.no_grad():
             e_ref = enc(ref[None], None, "e2")
             closeness = lambda x: F.cosine_similarity(enc(x, None, "e2"), e_ref, dim=-1).mean()  # noqa: E731
-        plain, guided = ddim(model), ddim(model, [ImageSimilarity.from_encoder(enc, ref, 3.0)])
+        plain, guided = ddim(model), ddim(model, [ImageSimilarity.from_encoder(enc, ref, 3.0, prior=prior)])
         assert closeness(guided) > closeness(plain) + 0.2
         assert share_of(gm, guided, k) >= 0.95 and 0.2 < share_of(gm, plain, k) < 0.8
 
@@ -443,6 +482,7 @@ def test_cli_train_encoder_text_aligns_with_captions(capsys, cli_files, tmp_path
 
 @pytest.mark.parametrize("extra", [
     ["--ckpt", "UNCOND", "--image", "REF", "--image-encoder", "IMG", "--image-scale", "3"],
+    ["--ckpt", "UNCOND", "--image", "REF", "--image-encoder", "IMG", "--image-prior", "0"],
     ["--ckpt", "UNCOND", "--image-index", "5", "--ref-data", "NPZ", "--image-encoder", "IMG", "--style", "STYLE",
      "--style-scale", "1"],
     ["--ckpt", "UNCOND", "--text", "long pants", "--text-encoder", "TXT", "--style", "STYLE",
@@ -484,6 +524,8 @@ def test_cli_scale_zero_equals_unguided(capsys, cli_files, tmp_path):
     (["--text", "  ", "--text-encoder", "TXT"], "non-empty"),
     (["--text-prior", "0.5"], "--text-prior needs --text"),
     (["--text", "a bag", "--text-encoder", "TXT", "--text-prior", "-1"], "expected a finite number"),
+    (["--image-prior", "1"], "--image-prior needs --image or --image-index"),
+    (["--image", "REF", "--image-encoder", "IMG", "--image-prior", "-1"], "expected a finite number"),
 ])
 def test_cli_similarity_bad_input_is_one_line(capsys, cli_files, tmp_path, args, needle):
     subs = dict(cli_files, MISSING=tmp_path / "nope.png")
@@ -538,7 +580,14 @@ def test_sweep_methods_text_and_image(cli_files, data, text_encoder, model):
     with torch.no_grad():
         refs = enc(torch.stack([reference(stored, 0), stored.images[7]]), None, "e2")
     assert eps is model and cond is None and terms[0].scale == 2.5
-    assert torch.allclose(terms[0].target, refs[labels], atol=1e-6)
+    assert torch.allclose(terms[0].target, prototype_prior(refs, enc.prototypes, DEFAULT_IMAGE_PRIOR)[labels],
+                          atol=1e-6)
+    raw = SweepContext(model=model, schedule=S, shape=(1, 8, 8), class_names=NAMES,
+                       options={**ctx.options, "image_prior": "0"})
+    assert torch.allclose(get_method("image")(raw, 2.5, labels)[2][0].target, refs[labels], atol=1e-6)
+    with pytest.raises(CondiffError, match="image_prior must be a number"):
+        get_method("image")(SweepContext(model=model, schedule=S, shape=(1, 8, 8), class_names=NAMES,
+                                         options={**ctx.options, "image_prior": "x"}), 1.0, labels)
     eps, cond, terms = get_method("text")(ctx, 4.0, labels)
     want = text_target(load_encoder(cli_files["TXT"], "text")[0], text_encoder[0].encode(["long pants", "a photo of a bag"]))
     assert torch.allclose(terms[0].target, want[torch.tensor([1, 0, 1])], atol=1e-6)

@@ -463,9 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reject_swallowed_values(parser: argparse.ArgumentParser, args) -> None:
+    """argparse (3.11-3.13) turns ``--flag=--`` into [] without calling the flag's type: one error line."""
+    sub = next((a.choices[args.command] for a in parser._actions  # noqa: SLF001 (argparse has no public API)
+                if isinstance(a, argparse._SubParsersAction) and args.command in a.choices), None)
+    for action in sub._actions if sub is not None else ():  # noqa: SLF001
+        value = getattr(args, action.dest, None)
+        if action.nargs is None and (type(action) is argparse._StoreAction and value == []  # noqa: SLF001
+                                     or type(action) is argparse._AppendAction and [] in (value or [])):  # noqa: SLF001
+            sub.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _reject_swallowed_values(parser, args)
     try:
         import torch
 

@@ -59,9 +59,10 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
     out = Path(out)
     model, schedule, config = load_diffusion(cfg.diffusion, cfg.device)
     clf = load_classifier(cfg.classifier, cfg.device)[0] if cfg.classifier is not None else None
+    shape = tuple(config["image_shape"])
+    found = _similarity_inputs(cfg, shape)
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a failed demo writes nothing
     names = config.get("class_names") or [str(i) for i in range(model.num_classes or 0)]
-    shape = tuple(config["image_shape"])
     classes = cfg.classes or ((0, 1, 7, 8, 9) if len(names) >= 10 else tuple(range(min(len(names), 5))))
     y = torch.tensor([c for c in classes for _ in range(cfg.per_class)])
     labels = [names[c] for c in classes]
@@ -89,8 +90,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
             x, dt = run(eps)
             _section(out, rows, f"classifier-g{gamma:g}", f"Classifier guidance, gamma = {gamma:g}",
                      "classifier (eqs 8, 19)", gamma, x, labels, cfg.per_class, dt)
-    if cfg.text_encoder is not None or cfg.image_encoder is not None:
-        _similarity_sections(cfg, out, rows, model, schedule, shape, names, run)
+    if found:
+        _similarity_sections(cfg, out, rows, model, schedule, names, run, found)
     for extra in cfg.extra_sections:
         for sec in extra(model, schedule, cfg):
             _section(out, rows, **sec)
@@ -104,52 +105,65 @@ def shipped_references() -> dict[str, Path]:
     return {p.stem: p for p in sorted((models_dir() / "references").glob("*.png"))}
 
 
-def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule, shape, names, run) -> None:
-    """Text, image-reference and style grids (eqs 11-15), each against its unguided twin (same seed)."""
+def _similarity_inputs(cfg: DemoConfig, shape) -> dict:
+    """Load the encoders and the reference and style images first, so that a bad one fails before any output."""
     from .images import load_image
-    from .similarity import ImageSimilarity, StyleSimilarity, TextSimilarity, load_encoder
-    from .similarity.commands import DEFAULT_SCALES
+    from .similarity import load_encoder
 
     C, H, _ = shape
-    k, eta = cfg.per_class, cfg.sim_eta
-    refs = shipped_references()
+    found, refs = {}, shipped_references()
     if cfg.text_encoder is not None:
         from .similarity.text import load_text_encoder
 
-        enc, _ = load_encoder(cfg.text_encoder, "text", cfg.device)
+        found["text"] = (load_encoder(cfg.text_encoder, "text", cfg.device)[0], load_text_encoder(cfg.device))
+    if cfg.image_encoder is not None:
+        found["image"] = load_encoder(cfg.image_encoder, "image", cfg.device)[0]
+        paths = list(cfg.references) or [refs[r] for r in ("sneaker", "dress") if r in refs]
+        style = cfg.style or refs.get("stripes")
+        found["references"] = [(Path(p), load_image(p, H, C)) for p in paths]
+        found["style"] = (Path(style), load_image(style, H, C)) if style is not None else None
+    return found
+
+
+def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule, names, run, found: dict) -> None:
+    """Text, image-reference and style grids (eqs 11-15), each against its unguided twin (same seed)."""
+    from .similarity import ImageSimilarity, StyleSimilarity, TextSimilarity
+    from .similarity.commands import DEFAULT_SCALES
+
+    k, eta = cfg.per_class, cfg.sim_eta
+    if "text" in found:
+        enc, te = found["text"]
         prompts = [p for p in cfg.prompts for _ in range(k)]
-        term = TextSimilarity.from_prompt(enc, prompts, DEFAULT_SCALES["text"], load_text_encoder(cfg.device))
+        term = TextSimilarity.from_prompt(enc, prompts, DEFAULT_SCALES["text"], te)
         for scale, terms in ((0, []), (DEFAULT_SCALES["text"], [term])):
             eps, _ = guided_model(model, schedule, unconditional=True, terms=terms)
             x, dt = run(eps, count=len(prompts), eta=eta)
             _section(out, rows, f"text-s{scale:g}", f"Text guidance, gamma = {scale:g} (one prompt per row)",
                      "text similarity (eqs 14-15)", scale, x, [f'"{p}"' for p in cfg.prompts], k, dt)
-    if cfg.image_encoder is None:
+    if "image" not in found:
         return
-    enc, _ = load_encoder(cfg.image_encoder, "image", cfg.device)
-    paths = list(cfg.references) or [refs[r] for r in ("sneaker", "dress") if r in refs]
-    style = cfg.style or refs.get("stripes")
-    inputs = paths + ([style] if style is not None else [])
+    enc, refs, style = found["image"], found["references"], found["style"]
+    inputs = refs + ([style] if style is not None else [])
     if inputs:  # the inputs themselves, first: what the guided grids are steered toward
         _section(out, rows, "references", "Reference images (inputs of the image and style grids)", "input", "-",
-                 torch.stack([load_image(p, H, C) for p in inputs]), [Path(p).name for p in inputs], len(inputs), 0.0)
-    if paths:
-        ref = torch.stack([load_image(p, H, C) for p in paths]).to(cfg.device)
+                 torch.stack([img for _, img in inputs]), [p.name for p, _ in inputs], len(inputs), 0.0)
+    if refs:
+        ref = torch.stack([img for _, img in refs]).to(cfg.device)
         term = ImageSimilarity.from_encoder(enc, ref.repeat_interleave(k, 0), DEFAULT_SCALES["image"])
         for scale, terms in ((0, []), (DEFAULT_SCALES["image"], [term])):
             eps, _ = guided_model(model, schedule, unconditional=True, terms=terms)
-            x, dt = run(eps, count=len(paths) * k, eta=eta)
+            x, dt = run(eps, count=len(refs) * k, eta=eta)
             _section(out, rows, f"image-s{scale:g}", f"Image guidance, gamma = {scale:g} (one reference per row)",
-                     "image similarity (eqs 14-15)", scale, x, [Path(p).stem for p in paths], k, dt)
+                     "image similarity (eqs 14-15)", scale, x, [p.stem for p, _ in refs], k, dt)
     if style is not None:  # composed with classifier-free guidance (w = 1) when the model is conditional
         conditional = bool(getattr(model, "num_classes", 0))
         classes = [c for c in cfg.style_classes if c < len(names)] or [0]
         y = torch.tensor([c for c in classes for _ in range(k)]) if conditional else None
-        term = StyleSimilarity.from_encoder(enc, load_image(style, H, C), DEFAULT_SCALES["style"], schedule)
+        term = StyleSimilarity.from_encoder(enc, style[1], DEFAULT_SCALES["style"], schedule)
         for scale, terms in ((0, []), (DEFAULT_SCALES["style"], [term])):
             eps, _ = guided_model(model, schedule, cfg_w=1.0 if conditional else None, terms=terms)
             x, dt = run(eps, cond=y, count=len(classes) * k, eta=eta)
-            _section(out, rows, f"style-s{scale:g}", f"Style guidance toward {Path(style).name}, gamma = {scale:g}"
+            _section(out, rows, f"style-s{scale:g}", f"Style guidance toward {style[0].name}, gamma = {scale:g}"
                      + (", on classifier-free guidance w = 1" if conditional else ""),
                      "style (Gram)" + (" + classifier-free" if conditional else ""), scale, x,
                      [names[c] for c in classes] if conditional else ["(any)"] * len(classes), k, dt)

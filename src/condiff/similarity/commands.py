@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import CondiffError
 from ..validation import float_range, int_range, nonneg_float
 from .tasks import DEFAULT_ALIGN
-from .terms import DEFAULT_TEXT_PRIOR
+from .terms import DEFAULT_IMAGE_PRIOR, DEFAULT_TEXT_PRIOR
 
 EQS = "Article eqs 11-15: mean shift sigma_t^2 * gamma * grad sim(x_t, y), sim = cos(E1(x_t), E2(y))."
 DEFAULT_SCALES = {"text": 100.0, "image": 100.0, "style": 10.0}  # tuned on Fashion-MNIST (docs/similarity.md)
@@ -150,6 +150,11 @@ def add_similarity_sample_args(p: argparse.ArgumentParser) -> None:
                    help="dataset for --image-index (default Fashion-MNIST; a folder or .npz as for --data)")
     g.add_argument("--image-scale", type=nonneg_float, default=None,
                    help=f"image guidance scale gamma (default {DEFAULT_SCALES['image']:g})")
+    g.add_argument("--image-prior", type=nonneg_float, default=None, metavar="W",
+                   help="pull the target E2(image) toward the reference's class: target = E2(image) + W * "
+                        "sum_k p(k | image) * prototype_k, renormalised, with E2's own class prototypes (default "
+                        f"{DEFAULT_IMAGE_PRIOR:g}; 0 = E2(image) itself, eq 15 as written: closer to the reference, "
+                        "less often of its class)")
     g.add_argument("--image-encoder", default=None,
                    help="image encoder checkpoint (condiff train-encoder --kind image)")
     g.add_argument("--style", default=None, help="style image file: sim = -Gram-matrix distance of E1 feature "
@@ -207,6 +212,8 @@ def similarity_terms(args, schedule, shape, device) -> list:
         raise CondiffError("--ref-data applies to --image-index")
     if args.text_prior is not None and args.text is None:
         raise CondiffError("--text-prior needs --text")
+    if args.image_prior is not None and not has_image:
+        raise CondiffError("--image-prior needs --image or --image-index")
     if getattr(args, "use_shipped", False):  # the shipped eps-model: the shipped encoders are the defaults
         from ..zoo import shipped
 
@@ -226,7 +233,7 @@ def similarity_terms(args, schedule, shape, device) -> list:
         if not args.image_encoder:
             raise CondiffError("--image/--image-index need --image-encoder CKPT (condiff train-encoder --kind image)")
         enc = _encoder(args.image_encoder, "image", shape, device, args.trust_pickle)
-        terms.append(ImageSimilarity.from_encoder(enc, _reference(args, shape), s_image))
+        terms.append(ImageSimilarity.from_encoder(enc, _reference(args, shape), s_image, prior=args.image_prior))
     if args.style is not None:
         path = args.style_encoder or args.image_encoder
         if not path:

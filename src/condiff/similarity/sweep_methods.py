@@ -9,7 +9,7 @@ branch of a conditional one):
   needs ``--option text_encoder=CKPT``;
 * ``image``: y = test image ``--option refK=INDEX`` of the reference data
   (``--option ref_data=PATH``, default Fashion-MNIST), else the first test image of class k;
-  needs ``--option image_encoder=CKPT``.
+  needs ``--option image_encoder=CKPT``; ``--option image_prior=W`` as ``condiff sample --image-prior``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from ..errors import CondiffError
 from ..guidance import NullBranch
 from .captions import class_phrases
-from .terms import EmbeddingSimilarity, TextSimilarity, load_encoder, text_target
+from .terms import EmbeddingSimilarity, ImageSimilarity, TextSimilarity, load_encoder, text_target
 
 __all__ = ["SWEEP_METHODS"]
 
@@ -29,6 +29,14 @@ def _option(ctx, key: str, method: str, what: str) -> str:
     if not value:
         raise CondiffError(f"method {method} needs --option {key}=CKPT ({what})")
     return str(value)
+
+
+def _number(ctx, key: str) -> float | None:
+    value = ctx.options.get(key)
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        raise CondiffError(f"{key} must be a number, got {value!r}") from None
 
 
 def _unconditional(ctx):
@@ -48,18 +56,18 @@ def _text_method(ctx, scale: float, labels: torch.Tensor):
                               ctx.device)
         prompts = [ctx.options.get(f"prompt{k}") or f"a photo of {class_phrases(name)[0]}"
                    for k, name in enumerate(ctx.class_names)]
-        prior = ctx.options.get("text_prior")
-        try:
-            prior = None if prior is None else float(prior)
-        except ValueError:
-            raise CondiffError(f"text_prior must be a number, got {prior!r}") from None
+        prior = _number(ctx, "text_prior")
         ctx.cache["text"] = (enc, text_target(enc, load_text_encoder(ctx.device).encode(prompts), prior))
     enc, emb = ctx.cache["text"]
     return _unconditional(ctx), None, [TextSimilarity(lambda x, t: enc(x, t, "text"), emb[labels], scale)]
 
 
 def _image_method(ctx, scale: float, labels: torch.Tensor):
-    """Image guidance toward each sample's class reference: sim = cos(E1(x_t, t), E2(ref_k))."""
+    """Image guidance toward each sample's class reference: sim = cos(E1(x_t, t), target(E2(ref_k))).
+
+    The target is :class:`~.terms.ImageSimilarity`'s (``--option image_prior=W``; default the
+    encoder's default), as in ``condiff sample --image``.
+    """
     if "image" not in ctx.cache:
         from ..data import load_dataset
 
@@ -80,10 +88,10 @@ def _image_method(ctx, scale: float, labels: torch.Tensor):
                                        f"give --option ref{k}=INDEX")
                 i = int(hits[0, 0])
             refs.append(data.images[i])
-        with torch.no_grad():
-            ctx.cache["image"] = (enc, enc(torch.stack(refs).to(ctx.device), None, "e2"))
-    enc, emb = ctx.cache["image"]
-    term = EmbeddingSimilarity(lambda x, t: enc(x, t, "e1"), emb[labels.to(emb.device)], scale, name="image")
+        ctx.cache["image"] = ImageSimilarity.from_encoder(enc, torch.stack(refs), 1.0,
+                                                          prior=_number(ctx, "image_prior"))
+    ref = ctx.cache["image"]  # one target per class, then one per sample
+    term = EmbeddingSimilarity(ref.e1, ref.target[labels.to(ref.target.device)], scale, name="image")
     return _unconditional(ctx), None, [term]
 
 

@@ -6,7 +6,8 @@ factors sigma_t^2 (mean shift, eq 14) or bbar_t (score form, eq 19) all come fro
 :mod:`condiff.guidance`, so every term works with :class:`MeanShift` and
 :class:`ScoreGuided`, on every sampler, and terms with separate scales add up.
 
-* :class:`ImageSimilarity`  sim = cos(E1(x_t, t), E2(y)) for a reference image y (eq 15);
+* :class:`ImageSimilarity`  sim = cos(E1(x_t, t), E2(y)) for a reference image y (eq 15), E2(y)
+  optionally pulled toward the class prototypes E2 was trained with (:func:`prototype_prior`);
 * :class:`TextSimilarity`   sim = cos(proj(E1(x_t, t)), E_text(prompt)) (eq 15, y a text), the prompt
   mapped onto the caption classes the projection was aligned with (:func:`text_target`);
 * :class:`StyleSimilarity`  sim = -sum_l ||G^_l(x_t) - G^_l(style)||^2, unit-norm Gram matrices G^ of
@@ -28,10 +29,12 @@ from ..guidance import SimilarityTerm
 from ..schedule import Schedule
 from .captions import caption_prior, centre
 
-__all__ = ["DEFAULT_TEXT_PRIOR", "EmbeddingSimilarity", "ImageSimilarity", "TextSimilarity", "text_target",
+__all__ = ["DEFAULT_TEXT_PRIOR", "DEFAULT_IMAGE_PRIOR", "EmbeddingSimilarity", "ImageSimilarity", "TextSimilarity",
+           "text_target", "prototype_prior",
            "StyleSimilarity", "gram", "gram_distance", "cosine", "load_encoder"]
 
 DEFAULT_TEXT_PRIOR = 0.25  # temperature of caption_prior (docs/similarity.md: held-out prompts)
+DEFAULT_IMAGE_PRIOR = 1.0  # weight of prototype_prior (docs/similarity.md: 200 random references)
 
 Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -83,19 +86,55 @@ class ImageSimilarity(EmbeddingSimilarity):
         e1: noise-aware encoder ``e1(x_t, t) -> (B, D)``.
         e2: clean encoder ``e2(y) -> (B, D)`` of the same embedding space.
         reference: (C, H, W) or (B, C, H, W) images in [-1, 1], at the model's size.
+        prototypes, prior: E2's class prototypes (K, D) and the weight of :func:`prototype_prior`
+            (0: the target is E2(y) itself).
     """
 
     def __init__(self, e1: Embed, e2: Callable[[torch.Tensor], torch.Tensor], reference: torch.Tensor,
-                 scale: float = 1.0):
+                 scale: float = 1.0, prototypes: torch.Tensor | None = None, prior: float = 0.0):
         with torch.no_grad():
             target = e2(_batched(reference))
+        if prior != 0:
+            if prototypes is None and prior > 0:
+                raise CondiffError("this image encoder has no class prototypes; use --image-prior 0")
+            target = prototype_prior(target, prototypes, prior)
         super().__init__(e1, target, scale, name="image")
 
     @classmethod
-    def from_encoder(cls, encoder, reference: torch.Tensor, scale: float = 1.0) -> "ImageSimilarity":
-        """From a :class:`~condiff.nets.SimilarityEncoder` with its E1 and E2."""
+    def from_encoder(cls, encoder, reference: torch.Tensor, scale: float = 1.0,
+                     prior: float | None = None) -> "ImageSimilarity":
+        """From a :class:`~condiff.nets.SimilarityEncoder` with its E1 and E2.
+
+        ``prior``: weight of :func:`prototype_prior`; None is :data:`DEFAULT_IMAGE_PRIOR`
+        for encoders with class prototypes and 0 (E2(y) as it is) for those without.
+        """
+        protos = getattr(encoder, "prototypes", None)
+        if prior is None:
+            prior = DEFAULT_IMAGE_PRIOR if protos is not None else 0.0
         ref = _batched(reference).to(next(encoder.parameters()).device)
-        return cls(lambda x, t: encoder(x, t, "e1"), lambda y: encoder(y, None, "e2"), ref, scale)
+        return cls(lambda x, t: encoder(x, t, "e1"), lambda y: encoder(y, None, "e2"), ref, scale,
+                   None if protos is None else protos.detach(), prior)
+
+
+def prototype_prior(emb: torch.Tensor, prototypes: torch.Tensor, weight: float, tau: float = 0.1) -> torch.Tensor:
+    """A reference's target pulled toward its class: e^ + weight * sum_k w_k p^_k, renormalised.
+
+    e^ = E2(y) / |E2(y)|, p^_k the unit class prototypes of E2's training objective
+    (:class:`~.tasks.CleanEncoderTask`) and w = softmax_k(cos(e^, p^_k) / tau) E2's own class
+    posterior at its training temperature (CleanEncoderTask's default 0.1).  weight 0 gives e^ (eq 15 as written); a large weight
+    steers toward the reference's class more than toward the reference itself (docs/similarity.md
+    measures both).  Image counterpart of :func:`~.captions.caption_prior`.
+
+    Args:
+        emb: E2 embeddings of the references, (B, D).
+        prototypes: (K, D).
+    """
+    if weight < 0:
+        raise CondiffError(f"the image prior's weight must be >= 0, got {weight}")
+    e = F.normalize(_at_least_f32(emb), dim=-1)
+    p = F.normalize(prototypes.to(e.device, e.dtype), dim=-1)
+    w = torch.softmax(e @ p.T / tau, dim=-1)
+    return F.normalize(e + weight * (w @ p), dim=-1)
 
 
 class TextSimilarity(EmbeddingSimilarity):
