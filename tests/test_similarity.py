@@ -609,3 +609,11 @@ def test_demo_adds_text_image_and_style_sections(capsys, cli_files, tmp_path):
         assert a.shape == b.shape and not np.array_equal(a, b)
     report = (tmp_path / "d" / "report.md").read_text()
     assert '"something to wear on your feet"' in report and "stripes.png" in report and "sneaker.png" in report
+
+
+@pytest.mark.parametrize("flag, key", [("--image-encoder", "CLF"), ("--text-encoder", "IMG")])
+def test_demo_with_a_wrong_encoder_fails_before_writing_anything(capsys, cli_files, tmp_path, flag, key):
+    code, _, err = run_main(capsys, "demo", "--ckpt", cli_files["COND"], flag, cli_files[key], "--out", tmp_path / "d",
+                            "--steps", "4", "--per-class", "2", "--no-progress", "--device", "cpu")
+    assert_one_line(code, err, "encoder checkpoint")
+    assert not (tmp_path / "d").exists()
