@@ -349,6 +349,9 @@ CASES = [  # (argv, what the one-line error must say)
     (["train", *TRAIN, "--data", "TINYNPZ"], "larger than the data (1 images)"),
     (["train", *TRAIN, "--batch-size", "65"], "larger than the data (64 images)"),
     (["train-encoder", "--kind", "text", *TRAIN, "--batch-size=--"], "argument --batch-size: expected one argument"),
+    (["train-encoder", "--kind", "text", *TRAIN, "--init", "FILE"], "not a checkpoint"),  # no caption cache
+    (["train-encoder", "--kind", "text", *TRAIN, "--lr", "1e9", "--steps", "6", "--t-max", "5", "--batch-size", "4"], "non-finite"),  # the cache is removed
+    (["evaluate", "--samples", "SAMPLES", "--judge", "JUDGE", "--out", "EXISTINGDIR"], "is a folder"),
     (["train", *TRAIN, "--image-size", "12"], "not --image-size 12"),
     (["train", *TRAIN, "--T", "0"], "argument --T"),
     (["train", *TRAIN, "--T", "100001"], "argument --T"),

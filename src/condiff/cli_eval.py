@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import CondiffError
-from .validation import key_value
+from .validation import check_output_file, key_value
 
 
 def _scales(text: str) -> list[float]:
@@ -56,6 +56,8 @@ def cmd_evaluate(args) -> int:
 
     if args.no_labels and args.class_ is not None:
         raise CondiffError("give --class or --no-labels, not both")
+    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
+    check_output_file(out)  # before the work: a bad --out is one line, not a lost evaluation
     labels = "none" if args.no_labels else "file"
     if args.class_ is not None:
         from .data import resolve_class
@@ -66,7 +68,6 @@ def cmd_evaluate(args) -> int:
     report = evaluate_file(args.samples, args.judge, data=args.data, labels=labels,
                            device=resolve_device(args.device), seed=args.seed, batch_size=args.batch_size)
     print(format_report(report))
-    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
     atomic_write_text(out, to_json(report))
     print(f"wrote {out}")
     return 0

@@ -124,6 +124,9 @@ def save_panels(panels: list[Panel], path: str | Path, size: tuple[int, int] = (
     for i, panel in enumerate(panels):
         _draw_panel(draw, font, (i * w, 0, (i + 1) * w, h), panel)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        im.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed
     return path

@@ -268,17 +268,36 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
     if not data.class_names:
         raise CondiffError("text alignment needs class names (Fashion-MNIST, an image folder, or an .npz "
                            "with class_names)")
-    _, bank, labels = caption_bank(data.class_names, text_encoder, out / "captions.safetensors")
     torch.manual_seed(cfg.seed)  # the initial weights follow the seed, as in train()
     enc = SimilarityEncoder(**_arch(data, arch), dim=dim, clean=False, text_dim=text_encoder.dim,
-                            captions=len(labels)).to(device)
-    enc.set_captions(bank, labels)  # saved with the weights: guidance maps prompts onto it
-    if init is not None:
+                            captions=len(training_captions(data.class_names)[1])).to(device)
+    if init is not None:  # checked before anything is written
         src, src_cfg = load_model(init, device)
         if src_cfg.get("task") != "encoder" or src.e1.config != enc.e1.config:
             raise CondiffError(f"{init}: not an image encoder with this architecture (--channels, --blocks, "
                                "--stem, --dim must match)")
         enc.e1.load_state_dict(src.e1.state_dict())
-    meta = dict(meta or {}, schedule=schedule.config(), text_model=text_encoder.name)
-    return train(enc, TextAlignTask.for_encoder(enc, schedule, tau, t_max, align), data, cfg, out, meta=meta,
-                 device=device, resume=resume, progress=progress)
+    cache = out / "captions.safetensors"
+    created = [p for p in (cache, cache.with_suffix(".json"), out, *out.parents) if not p.exists()]
+    try:
+        _, bank, labels = caption_bank(data.class_names, text_encoder, cache)
+        enc.set_captions(bank, labels)  # saved with the weights: guidance maps prompts onto it
+        meta = dict(meta or {}, schedule=schedule.config(), text_model=text_encoder.name)
+        return train(enc, TextAlignTask.for_encoder(enc, schedule, tau, t_max, align), data, cfg, out, meta=meta,
+                     device=device, resume=resume, progress=progress)
+    except BaseException:
+        _remove_unless_started(out, created)
+        raise
+
+
+def _remove_unless_started(out: Path, created: list[Path]) -> None:
+    """A run that failed before its first log line or checkpoint leaves nothing: remove what it created."""
+    from ..checkpoints import latest_checkpoint
+
+    if not out.is_dir() or latest_checkpoint(out) is not None or (out / "metrics.jsonl").is_file():
+        return
+    for p in created:  # the files, then the folders this run made, deepest first, where empty
+        if p.is_file():
+            p.unlink()
+        elif p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
