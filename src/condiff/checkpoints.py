@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,19 +55,28 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ""):
+    """Yield a temp file path beside ``path``; renamed onto ``path`` when the block succeeds.
+
+    A failed write (or rename) removes the temp file, so no partial file is left behind.
+    ``suffix`` is for writers that append their own extension (``np.savez`` adds ``.npz``).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file via temp file + fsync + rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves no temp file behind
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .checkpoints import atomic_path
 from .errors import CondiffError
 
 MAX_PIXELS = 64 * 1024 * 1024
@@ -70,12 +70,8 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, upscal
     im = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if upscale > 1:
         im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write failed
     return path
 
 
@@ -83,14 +79,10 @@ def save_npz(path: str | Path, images: torch.Tensor, labels=None, **extra) -> Pa
     """Save samples as uint8 (N, H, W, C) ``images`` (+ ``labels``) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
     arrays = {"images": to_uint8(images)}
     if labels is not None:
         arrays["labels"] = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
     arrays.update({k: np.asarray(v) for k, v in extra.items()})
-    try:
+    with atomic_path(path, ".npz") as tmp:  # np.savez adds .npz to a name without it
         np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write failed
     return path

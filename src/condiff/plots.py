@@ -7,11 +7,12 @@ scale, precision against recall.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .checkpoints import atomic_path
 
 __all__ = ["Series", "Panel", "save_panels"]
 
@@ -123,10 +124,6 @@ def save_panels(panels: list[Panel], path: str | Path, size: tuple[int, int] = (
     font = ImageFont.load_default()
     for i, panel in enumerate(panels):
         _draw_panel(draw, font, (i * w, 0, (i + 1) * w, h), panel)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write failed
     return path
