@@ -352,6 +352,7 @@ CASES = [  # (argv, what the one-line error must say)
     (["train-encoder", "--kind", "text", *TRAIN, "--init", "FILE"], "not a checkpoint"),  # no caption cache
     (["train-encoder", "--kind", "text", *TRAIN, "--lr", "1e9", "--steps", "6", "--t-max", "5", "--batch-size", "4"], "non-finite"),  # the cache is removed
     (["evaluate", "--samples", "SAMPLES", "--judge", "JUDGE", "--out", "EXISTINGDIR"], "is a folder"),
+    (["evaluate", "--samples", "BADNPZ", "--judge", "JUDGE"], "cannot read .npz"),  # BadZipFile, not OSError
     (["train", *TRAIN, "--image-size", "12"], "not --image-size 12"),
     (["train", *TRAIN, "--T", "0"], "argument --T"),
     (["train", *TRAIN, "--T", "100001"], "argument --T"),

@@ -28,6 +28,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 __all__ = ["ImageDataset", "FASHION_MNIST_CLASSES", "load_fashion_mnist", "load_image_folder", "load_npz",
            "load_dataset", "resolve_class", "read_idx"]
 
+# what np.load raises on a damaged, truncated or foreign .npz (BadZipFile is not an OSError)
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
 
 @dataclass
 class ImageDataset:
@@ -52,6 +55,7 @@ class ImageDataset:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=g)[:n]
         return ImageDataset(self.images[idx], self.labels[idx], self.class_names)
+
 
 
 def to_unit(images: np.ndarray) -> torch.Tensor:
@@ -148,7 +152,7 @@ def load_npz(path: str | Path) -> ImageDataset:
             names = [str(s) for s in z["class_names"]] if "class_names" in z else []
     except CondiffError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except NPZ_READ_ERRORS as e:
         raise CondiffError(f"{path}: cannot read .npz ({e})") from None
     if len(labels) != len(images):
         raise CondiffError(f"{path}: {len(images)} images but {len(labels)} labels")

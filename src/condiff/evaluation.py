@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import atomic_write_text, load_model
-from .data import ImageDataset, load_dataset, to_unit
+from .data import NPZ_READ_ERRORS, ImageDataset, load_dataset, to_unit
 from .errors import CondiffError
 from .metrics import density_coverage, diversity, fid_from_features, judge_accuracy, per_class_diversity, \
     precision_recall
@@ -296,7 +296,7 @@ def read_samples(path: str | Path, shape=None) -> tuple[torch.Tensor, torch.Tens
             names = [str(s) for s in z["class_names"]] if "class_names" in z else []
     except CondiffError:
         raise
-    except (OSError, ValueError, EOFError) as e:
+    except NPZ_READ_ERRORS as e:
         raise CondiffError(f"{path}: cannot read .npz ({e})") from None
     if images.ndim not in (3, 4) or len(images) == 0:
         raise CondiffError(f"{path}: expected images of shape (N, H, W[, C]), got {images.shape}")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .checkpoints import atomic_write_text
+from .data import NPZ_READ_ERRORS
 from .errors import CondiffError
 from .guidance import ClassifierFree, ClassifierTerm, GradientTerm, NullBranch
 from .images import save_grid, save_npz
@@ -151,7 +152,7 @@ def _load_cached(path: Path, meta: str):
                 return None
             return torch.from_numpy(z["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0), \
                 float(z["seconds"])
-    except (OSError, ValueError, KeyError, EOFError):
+    except NPZ_READ_ERRORS:  # a damaged cache is sampled again
         return None
 
 
