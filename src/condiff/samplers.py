@@ -24,7 +24,7 @@ from .errors import CondiffError, NonFiniteError
 from .guidance import condition_mean
 from .schedule import Schedule, respace
 
-__all__ = ["noise", "sample", "sample_ddpm", "sample_ddim", "SAMPLERS"]
+__all__ = ["noise", "sample", "sample_ddpm", "sample_ddim", "SAMPLERS", "STOCHASTIC", "MEAN_SHIFT_SAMPLERS", "nfe"]
 
 Model = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
@@ -131,4 +131,17 @@ def sample_ddim(model: Model, x: torch.Tensor, schedule: Schedule, steps=50, *, 
     return sample(model, x, schedule, steps, variance="ddim", eta=eta, **kw)
 
 
+# The calling convention of every solver (the sampling-core contract):
+#   fn(model, x_T, schedule, steps, *, cond=None, generator=None, spacing="linspace", clip_x0=None,
+#      threshold=None, callback=None, progress=False, **solver_options) -> x_0
+# ``mean_shift=`` (eqs 6-8, 14) is accepted only by the samplers in MEAN_SHIFT_SAMPLERS.
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim}
+STOCHASTIC = frozenset({"ddpm"})          # samplers that add fresh noise every step (ddim only with eta > 0)
+MEAN_SHIFT_SAMPLERS = frozenset({"ddpm", "ddim"})  # ancestral samplers: mean-shift guidance has a meaning
+
+
+def nfe(name: str, steps: int) -> int:
+    """Network evaluations per image of sampler ``name`` over ``steps`` steps (guidance multiplies it)."""
+    if name not in SAMPLERS:
+        raise CondiffError(f"unknown sampler {name!r} (choose {', '.join(SAMPLERS)})")
+    return int(steps)

@@ -21,7 +21,12 @@ import torch
 
 from .errors import CondiffError
 
-__all__ = ["Schedule", "linear_schedule", "cosine_schedule", "make_schedule", "respace"]
+__all__ = ["Schedule", "linear_schedule", "cosine_schedule", "make_schedule", "respace", "SPACINGS"]
+
+# Step schedules a sampler can visit (``respace(..., spacing=)``): uniform in t as diffusers names them
+# ("linspace": both ends included, condiff's default; "leading"; "trailing"), uniform in
+# lambda_t = log(abar_t / bbar_t), and Karras et al.'s sigmas (rho = 7), each snapped to integer timesteps.
+SPACINGS = ("linspace", "leading", "trailing", "lambda", "karras")
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ def make_schedule(name: str = "cosine", T: int = 1000, params: Sequence[float] =
     raise CondiffError(f"unknown schedule {name!r} (choose linear or cosine)")
 
 
-def respace(schedule: Schedule, steps: int | Sequence[int] | None = None) -> list[int]:
+def respace(schedule: Schedule, steps: int | Sequence[int] | None = None, spacing: str = "linspace") -> list[int]:
     """Timesteps a sampler visits, in decreasing order (from T-1 down to 0 when K > 1).
 
     ``steps`` is either a count K (evenly spaced over [0, T-1], both ends included)
@@ -139,6 +144,10 @@ def respace(schedule: Schedule, steps: int | Sequence[int] | None = None) -> lis
     the sampler goes from t to the next kept s with alpha_{t|s} = abar_t / abar_s.
     """
     T = schedule.T
+    if spacing not in SPACINGS:
+        raise CondiffError(f"unknown step spacing {spacing!r} (choose {', '.join(SPACINGS)})")
+    if spacing != "linspace":  # INTERFACE STUB: the solvers work implements the other spacings
+        raise CondiffError(f"step spacing {spacing!r} is not implemented yet")
     if steps is None:
         steps = T
     if isinstance(steps, int) and not isinstance(steps, bool):
