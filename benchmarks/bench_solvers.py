@@ -1,0 +1,366 @@
+"""Quality against network calls for every solver, with every guidance family (issue: sampling core v2).
+
+Not a test: run by hand (or in the background) on the shipped models; writes docs/solvers.md and
+docs/solvers/quality-vs-nfe.png. Every sample set is cached under --out (uint8 .npz, keyed by its
+settings), so a rerun only re-scores; the judge is the independent clean-image JudgeNet.
+
+    .venv/bin/python benchmarks/bench_solvers.py run --part cfg            # CFG w=2, each solver x NFE
+    .venv/bin/python benchmarks/bench_solvers.py run --part guided         # classifier (gamma 16) and text
+    .venv/bin/python benchmarks/bench_solvers.py run --part large          # CFG w=6, classifier gamma=32
+    .venv/bin/python benchmarks/bench_solvers.py run --part headline       # 1000 samples at the headline points
+    .venv/bin/python benchmarks/bench_solvers.py run --part diffusers      # diffusers' DPMSolverMultistepScheduler
+    .venv/bin/python benchmarks/bench_solvers.py run --part overhead       # solver time outside the network
+    .venv/bin/python benchmarks/bench_solvers.py report                    # docs/solvers.md + the plot
+
+Points at equal NFE: a solver with c network calls per step (``condiff.samplers.nfe``) gets the largest
+step count whose NFE does not exceed the target. Guided samples use the library's one composition path
+(:func:`condiff.compose.guide` via :func:`condiff.pipeline.generate`), as ``condiff sample`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from condiff.evaluation import Evaluator, load_judge, load_real_data  # noqa: E402
+from condiff.images import save_grid, save_npz  # noqa: E402
+from condiff.pipeline import load_classifier, load_diffusion  # noqa: E402
+from condiff.samplers import SAMPLERS, nfe, noise  # noqa: E402
+from condiff.zoo import shipped  # noqa: E402
+
+NFES = (5, 10, 15, 25)
+
+
+def steps_for(solver: str, target: int) -> int:
+    """The largest step count whose network calls per image stay within ``target``."""
+    best = 1
+    for k in range(1, target + 1):
+        if nfe(solver, k) <= target:
+            best = k
+    return best
+
+
+class Bench:
+    """Models, judge and the cache of one benchmark run."""
+
+    def __init__(self, out: Path, seed: int = 0, batch_size: int = 250):
+        self.out, self.seed, self.batch_size = out, seed, batch_size
+        self.model, self.schedule, self.config = load_diffusion(shipped("diffusion"))
+        self.model.eval()
+        self.shape = tuple(self.config["image_shape"])
+        self.class_names = self.config["class_names"]
+        self._clf = None
+        self._evaluator = None
+        self.results_path = out / "results.json"
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+
+    @property
+    def clf(self):
+        if self._clf is None:
+            self._clf = load_classifier(shipped("classifier"))[0].eval()
+        return self._clf
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            judge, jconf = load_judge(shipped("judge"))
+            train_data, test_data = load_real_data(jconf.get("data"), self.shape)
+            self._evaluator = Evaluator(judge, train_data, test_data, jconf.get("class_names"))
+        return self._evaluator
+
+    def labels(self, n: int) -> torch.Tensor:
+        return torch.arange(n) % len(self.class_names)
+
+    # ------------------------------------------------------------------ one point
+    def point(self, method: str, scale: float, solver: str, target_nfe: int, n: int, *, spacing="linspace",
+              options: dict | None = None, impl: str = "condiff") -> dict:
+        """Sample (or reuse) and score one setting; returns its row."""
+        options = dict(options or {})
+        steps = steps_for(solver, target_nfe) if impl == "condiff" else target_nfe
+        settings = dict(method=method, scale=scale, solver=solver, steps=steps, spacing=spacing, n=n,
+                        seed=self.seed, options=options, impl=impl)
+        key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        if key in self.results:
+            return self.results[key]
+        npz = self.out / "samples" / f"{key}.npz"
+        labels = self.labels(n)
+        cached = _load(npz)
+        if cached is None:
+            t0 = time.perf_counter()
+            x, calls = self._sample(method, scale, solver, steps, labels, spacing, options, impl)
+            seconds = time.perf_counter() - t0
+            save_npz(npz, x, labels, seconds=np.array(seconds), calls=np.array(calls),
+                     settings=np.array(json.dumps(settings, sort_keys=True)))
+            cached = _load(npz)
+        x, seconds, calls = cached
+        m = self.evaluator.evaluate(x, labels)
+        row = dict(settings, nfe=nfe(solver, steps) if impl == "condiff" else steps, calls_per_image=calls / n,
+                   seconds_per_image=seconds / n, fid_fm=m["fid_fm"], fid_fm_floor=m["fid_fm_floor"],
+                   judge_accuracy=m["judge_accuracy"], diversity_ratio=m["diversity_ratio"],
+                   precision=m["precision"], recall=m["recall"],
+                   saturated=float((x.abs() > 0.99).float().mean()), finite=bool(torch.isfinite(x).all()))
+        grid = torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in range(len(self.class_names))])
+        save_grid(x[grid], self.out / "grids" / f"{method}-{scale:g}-{impl}-{solver}-{steps}.png", nrow=8)
+        self.results[key] = row
+        self.results_path.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+        print(f"{method} {scale:g} {impl}:{solver} nfe {row['nfe']} n {n}: FID_fm {row['fid_fm']:.2f}, "
+              f"judge {row['judge_accuracy']:.3f}, diversity/real {row['diversity_ratio']:.2f}, "
+              f"{row['seconds_per_image']:.3f} s/img, saturated {row['saturated']:.3f}", flush=True)
+        return row
+
+    def _guidance(self, method: str, scale: float):
+        from condiff.compose import Guidance
+        from condiff.guidance import ClassifierTerm
+
+        if method == "cfg":
+            return Guidance(cfg_w=scale)
+        if method == "classifier":
+            return Guidance(unconditional=True, terms=[ClassifierTerm(self.clf, scale=scale)])
+        if method == "text":
+            from condiff.similarity.text import load_text_encoder
+            from condiff.similarity.terms import TextSimilarity, load_encoder
+
+            enc, _ = load_encoder(shipped("text-encoder"), "text")
+            term = TextSimilarity.for_prompts(enc, load_text_encoder("cpu"), scale=scale)
+            return Guidance(unconditional=True, terms=[term])
+        raise ValueError(method)
+
+    def _cond(self, method: str, labels: torch.Tensor):
+        if method == "text":
+            return {"class": labels, "text": [f"a photo of {self.class_names[int(c)].lower()}" for c in labels]}
+        return labels
+
+    def _sample(self, method, scale, solver, steps, labels, spacing, options, impl):
+        calls = [0]
+        inner = self.model
+
+        def counted(x, t, c):
+            calls[0] += x.shape[0]
+            return inner(x, t, c)
+
+        counted.null_cond = inner.null_cond
+        if impl == "diffusers":
+            from condiff.guidance import ClassifierFree
+
+            return _diffusers_dpm(ClassifierFree(counted, scale), self, steps, labels, options), calls[0] // 1
+        from condiff.pipeline import generate
+
+        if method == "cfg" and solver == "ddim" and not options and spacing == "linspace":  # TEMP: pre-merge API
+            from condiff.guidance import ClassifierFree
+
+            x = generate(ClassifierFree(counted, scale), self.schedule, len(labels), shape=self.shape,
+                         cond=labels, sampler="ddim", steps=steps, seed=self.seed, batch_size=self.batch_size)
+            return x, calls[0]
+        x = generate(counted, self.schedule, len(labels), shape=self.shape, cond=self._cond(method, labels),
+                     guidance=self._guidance(method, scale), sampler=solver, steps=steps,
+                     sampler_options=dict(options, spacing=spacing), seed=self.seed, batch_size=self.batch_size)
+        return x, calls[0]
+
+
+def _diffusers_dpm(model, bench: Bench, steps: int, labels: torch.Tensor, options: dict) -> torch.Tensor:
+    """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2) on the same model and x_T."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=bench.schedule.T,
+                                        trained_betas=_betas(bench.schedule), algorithm_type="dpmsolver++",
+                                        solver_order=2, **options)
+    out = []
+    n = len(labels)
+    for b in range(-(-n // bench.batch_size)):
+        lo, hi = b * bench.batch_size, min((b + 1) * bench.batch_size, n)
+        g = torch.Generator().manual_seed(int(bench.seed) * 1_000_003 + b)
+        x = noise((bench.batch_size, *bench.shape), g)[: hi - lo]
+        y = labels[lo:hi]
+        sched.set_timesteps(steps)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+                x = sched.step(model(x, tt, y), t, x).prev_sample
+        out.append(x)
+    return torch.cat(out)
+
+
+def _betas(schedule) -> list[float]:
+    ac = schedule.alphas_cumprod()
+    prev = torch.cat([ac.new_ones(1), ac[:-1]])
+    return (1 - ac / prev).tolist()
+
+
+def _load(npz: Path):
+    if not npz.is_file():
+        return None
+    with np.load(npz, allow_pickle=False) as z:
+        x = torch.from_numpy(z["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        return x, float(z["seconds"]), int(z["calls"])
+
+
+# ---------------------------------------------------------------------------------------- parts
+def part_cfg(b: Bench, args):
+    for solver in args.solvers:
+        for target in args.nfes:
+            b.point("cfg", 2.0, solver, target, args.n)
+    b.point("cfg", 2.0, "ddim", 50, args.n)
+
+
+def part_guided(b: Bench, args):
+    for solver in ["ddim", *args.best]:
+        for target in (10, 25):
+            b.point("classifier", 16.0, solver, target, args.n)
+            b.point("text", 100.0, solver, target, args.n)
+
+
+def part_large(b: Bench, args):
+    for solver in ["ddim", *args.best]:
+        for target in (10, 20):
+            b.point("cfg", 6.0, solver, target, args.n)
+            b.point("classifier", 32.0, solver, target, args.n)
+
+
+def part_headline(b: Bench, args):
+    for target in (10, 15):
+        b.point("cfg", 2.0, args.best[0], target, 1000)
+    b.point("cfg", 2.0, "ddim", 50, 1000)
+
+
+def part_diffusers(b: Bench, args):
+    for target in (10, 15, 25):
+        b.point("cfg", 2.0, "dpm++2m", target, args.n, impl="diffusers")
+        b.point("cfg", 2.0, "dpm++2m", target, args.n, impl="diffusers", options={"thresholding": True})
+
+
+def part_overhead(b: Bench, args):
+    """Solver overhead: wall time outside the network calls, as a fraction of network time."""
+    x_T = noise((64, *b.shape), torch.Generator().manual_seed(0))
+    y = b.labels(64)
+    rows = {}
+    for solver in args.solvers:
+        spent = [0.0]
+
+        def timed(x, t, c):
+            t0 = time.perf_counter()
+            out = b.model(x, t, c)
+            spent[0] += time.perf_counter() - t0
+            return out
+
+        steps = steps_for(solver, 25)
+        SAMPLERS[solver](timed, x_T, b.schedule, steps, cond=y, generator=torch.Generator().manual_seed(1),
+                         clip_x0=1.0)  # warm-up
+        spent[0] = 0.0
+        t0 = time.perf_counter()
+        SAMPLERS[solver](timed, x_T, b.schedule, steps, cond=y, generator=torch.Generator().manual_seed(1),
+                         clip_x0=1.0)
+        total = time.perf_counter() - t0
+        rows[solver] = {"total_s": total, "network_s": spent[0], "overhead": (total - spent[0]) / spent[0]}
+        print(f"overhead {solver}: {rows[solver]['overhead'] * 100:.2f}% of network time "
+              f"({total:.2f} s total, {spent[0]:.2f} s network)", flush=True)
+    (b.out / "overhead.json").write_text(json.dumps(rows, indent=1))
+
+
+# ---------------------------------------------------------------------------------------- report
+def _rows(b: Bench, **match) -> list[dict]:
+    return sorted((r for r in b.results.values() if all(r.get(k) == v for k, v in match.items())),
+                  key=lambda r: (r["impl"], r["solver"], r["nfe"], r["n"]))
+
+
+def _cell(r: dict | None) -> str:
+    return "" if r is None else f"{r['fid_fm']:.2f} / {r['judge_accuracy']:.3f}"
+
+
+def _table(rows: list[dict], cols=("impl", "solver", "nfe", "n", "fid_fm", "judge_accuracy", "diversity_ratio",
+                                   "saturated", "seconds_per_image", "calls_per_image")) -> list[str]:
+    fmt = {"fid_fm": ".2f", "judge_accuracy": ".3f", "diversity_ratio": ".2f", "saturated": ".3f",
+           "seconds_per_image": ".4f", "calls_per_image": ".0f"}
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(format(r[c], fmt.get(c, "")) if c in fmt else str(r[c]) for c in cols) + " |")
+    return out
+
+
+def write_report(b: Bench, args) -> None:
+    from condiff.plots import Panel, Series, save_panels
+
+    lines = ["# Solvers: quality against network calls", "",
+             "Generated by `benchmarks/bench_solvers.py report` from the cached runs of "
+             "`benchmarks/bench_solvers.py run` (shipped models, DDIM-style linspace spacing, x0 clipped to "
+             "[-1, 1]; FID_fm and judge accuracy by the independent judge; seconds per image on the 2-core CPU, "
+             "one thread).", ""]
+    cfg = [r for r in _rows(b, method="cfg", scale=2.0, impl="condiff")]
+    solvers = sorted({r["solver"] for r in cfg})
+    nfes = sorted({r["nfe"] for r in cfg if r["n"] == args.n})
+    lines += ["## CFG w = 2: FID_fm / judge accuracy at each NFE "
+              f"({args.n} samples per point)", "",
+              "| solver | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for s in solvers:
+        by = {r["nfe"]: r for r in cfg if r["solver"] == s and r["n"] == args.n}
+        lines.append(f"| {s} | " + " | ".join(_cell(by.get(k)) for k in nfes) + " |")
+    panels = [Panel("CFG w=2: FID_fm against NFE", "network calls per image (NFE)", "FID_fm"),
+              Panel("CFG w=2: judge accuracy against NFE", "network calls per image (NFE)", "judge accuracy")]
+    for s in solvers:
+        pts = sorted((r["nfe"], r) for r in cfg if r["solver"] == s and r["n"] == args.n)
+        panels[0].series.append(Series([k for k, _ in pts], [r["fid_fm"] for _, r in pts], s))
+        panels[1].series.append(Series([k for k, _ in pts], [r["judge_accuracy"] for _, r in pts], s))
+    if cfg:
+        save_panels(panels, args.docs / "solvers" / "quality-vs-nfe.png")
+        lines += ["", "![FID_fm and judge accuracy against NFE](solvers/quality-vs-nfe.png)"]
+    sections = [("Headline points, 1000 samples", dict(method="cfg", scale=2.0, n=1000)),
+                ("Classifier guidance, gamma = 16 (null branch)", dict(method="classifier", scale=16.0)),
+                ("Text guidance, gamma = 100 (\"a photo of <class>\")", dict(method="text", scale=100.0)),
+                ("Large guidance: CFG w = 6", dict(method="cfg", scale=6.0)),
+                ("Large guidance: classifier gamma = 32", dict(method="classifier", scale=32.0)),
+                ("diffusers' DPMSolverMultistepScheduler against condiff's dpm++2m, CFG w = 2",
+                 dict(method="cfg", scale=2.0, solver="dpm++2m"))]
+    for title, match in sections:
+        rows = _rows(b, **match)
+        if rows:
+            lines += ["", f"## {title}", ""] + _table(rows)
+    ov = args.out / "overhead.json"
+    if ov.is_file():
+        lines += ["", "## Solver overhead (wall time outside the network, NFE 25, batch 64)", "",
+                  "| solver | overhead / network time |", "|---|---|"]
+        lines += [f"| {s} | {v['overhead'] * 100:.2f}% |" for s, v in json.loads(ov.read_text()).items()]
+    (args.docs / "solvers.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.docs / 'solvers.md'}")
+
+
+PARTS = {"cfg": part_cfg, "guided": part_guided, "large": part_large, "headline": part_headline,
+         "diffusers": part_diffusers, "overhead": part_overhead}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["run", "report"])
+    p.add_argument("--part", action="append", choices=list(PARTS), default=None)
+    p.add_argument("--solvers", default=None, help="comma-separated solver names (default: all)")
+    p.add_argument("--best", default="dpm++2m,dpm++2m-sde", help="the two best solvers (guided/large parts)")
+    p.add_argument("--nfes", default=",".join(map(str, NFES)))
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "solvers")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    args = p.parse_args(argv)
+    args.solvers = args.solvers.split(",") if args.solvers else list(SAMPLERS)
+    args.best = args.best.split(",")
+    args.nfes = [int(v) for v in args.nfes.split(",")]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    args.out.mkdir(parents=True, exist_ok=True)
+    b = Bench(args.out)
+    if args.action == "run":
+        for part in args.part or ["cfg"]:
+            PARTS[part](b, args)
+        return 0
+    write_report(b, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
