@@ -17,6 +17,7 @@ import json
 import shutil
 import re
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -181,13 +182,18 @@ def test_a_checkpoint_without_its_checksums_never_loads_silently(run, tmp_path):
                                                r"training.json training.safetensors > SHA256SUMS"):
         load_checkpoint(ck)
     ck2 = shutil.copytree(ck, tmp_path / "step2")  # one warning per folder and process, like Python's own filter
-    with pytest.warns(UnverifiedWarning, match="load unverified"):
-        rc, _, err = run_cli_inprocess(["sample", "--ckpt", ck2, "--n", "1", "--steps", "2", "--class", "top",
-                                        "--out", tmp_path / "x.png", "--no-progress", "--device", "cpu"])
+    argv = ["sample", "--ckpt", ck2, "--n", "1", "--steps", "2", "--class", "top", "--out", tmp_path / "x.png",
+            "--no-progress", "--device", "cpu"]
+    with warnings.catch_warnings():  # what `python -W "error:unverified weights" -m condiff` does: one-line error
+        warnings.filterwarnings("error", "unverified weights")
+        _one_line_error(argv, "unverified weights: ", "has no SHA256SUMS")
+    assert not (tmp_path / "x.png").exists()
+    with pytest.warns(UnverifiedWarning, match="^unverified weights: "):
+        rc, _, err = run_cli_inprocess(argv)
     assert rc == 0, err
     write_manifest(ck)  # what the warning says to do: then it loads verified and silently
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         load_checkpoint(ck)
         assert verify_folder(ck) is True
 

@@ -47,8 +47,13 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-class UnverifiedWarning(UserWarning):
-    """A model folder without SHA256SUMS was loaded: nothing could check its bytes."""
+class UnverifiedWarning(UserWarning, CondiffError):
+    """A model folder without SHA256SUMS was loaded: nothing could check its bytes.
+
+    Its message starts "unverified weights:".  It is also a :class:`CondiffError`, so a
+    warnings filter that turns it into an error (``python -W "error:unverified weights" -m condiff ...``,
+    or ``warnings.simplefilter("error", UnverifiedWarning)``) gives the CLI's one-line error.
+    """
 
 
 def _listable(folder: Path) -> list[Path]:
@@ -109,8 +114,8 @@ def verify_folder(folder: str | Path) -> bool:
         return _VERIFIED[key]
     sums = _read_manifest(folder)
     if sums is None:
-        warnings.warn(f"{folder} has no {MANIFEST}, so its weights load unverified (a damaged copy would go "
-                      f"unnoticed); if its files are as intended, write one: cd {folder} && sha256sum "
+        warnings.warn(f"unverified weights: {folder} has no {MANIFEST}, so nothing checks its bytes (a damaged "
+                      f"copy would go unnoticed); if its files are as intended, write one: cd {folder} && sha256sum "
                       f"{' '.join(p.name for p in _listable(folder))} > {MANIFEST}", UnverifiedWarning, stacklevel=2)
         _VERIFIED[key] = False
         return False
