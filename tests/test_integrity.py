@@ -15,6 +15,7 @@ import fnmatch
 import hashlib
 import json
 import shutil
+import sys
 import re
 import time
 import warnings
@@ -24,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import condiff.atomic as atomic
 import condiff.zoo as zoo
 from condiff.atomic import replace_dir
 from condiff.checkpoints import load_checkpoint, load_model, save_checkpoint
@@ -131,7 +133,7 @@ def test_export_writes_a_verified_folder_and_replaces_an_earlier_one_whole(run, 
     assert _tree(dest) == before and sorted(p.name for p in dest.parent.iterdir()) == ["tiny"]
 
 
-def test_replace_dir_swaps_whole_folders(tmp_path):
+def test_replace_dir_swaps_whole_folders(tmp_path, monkeypatch):
     """dest is the whole old folder or the whole new one; the old one is gone afterwards."""
     for exists in (False, True):
         dest, new = tmp_path / f"dest{exists}", tmp_path / f".new{exists}"
@@ -144,6 +146,17 @@ def test_replace_dir_swaps_whole_folders(tmp_path):
         replace_dir(new, dest)
         assert _tree(dest) == {"a": hashlib.sha256(b"new a").hexdigest()} and not new.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["destFalse", "destTrue"]
+    if sys.platform == "linux":  # one renameat2 exchange: no moment without a complete dest, no rename aside
+        new = tmp_path / ".again"
+        new.mkdir()
+        (new / "a").write_text("newer a")
+
+        def no_rename(*args):
+            raise AssertionError(f"os.replace{args}: the folder was renamed aside, not swapped")
+
+        monkeypatch.setattr(atomic.os, "replace", no_rename)
+        replace_dir(new, tmp_path / "destTrue")
+        assert (tmp_path / "destTrue" / "a").read_text() == "newer a" and not new.exists()
 
 
 # --------------------------------------------------------------------------------------------- 2. checksums
@@ -200,7 +213,7 @@ def test_a_checkpoint_without_its_checksums_never_loads_silently(run, tmp_path):
 
 # --------------------------------------------------------------------------------------------- 3. configs
 def _edited(run: Path, dest: Path, edit, manifest: bool = True) -> Path:
-    """A copy of the run's checkpoint with its config edited (and SHA256SUMS rewritten, so only validation can object)."""
+    """A copy of the run's checkpoint with its config edited and SHA256SUMS rewritten: only validation can object."""
     ck = shutil.copytree(_step(run), dest)
     config = json.loads((ck / "config.json").read_text())
     edit(config)

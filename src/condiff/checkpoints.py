@@ -33,8 +33,8 @@ VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "resolve_checkpoint", "latest_checkpoint",
-           "load_latest_checkpoint", "read_config", "check_config", "check_weights", "load_state_strict", "load_tensors", "atomic_path",
-           "atomic_write_text"]
+           "load_latest_checkpoint", "read_config", "check_config", "check_weights", "load_state_strict",
+           "load_tensors", "atomic_path", "atomic_write_text"]  # the last two live in condiff.atomic
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -174,8 +174,9 @@ def check_config(config: dict, where: str = "config") -> None:
     if shape is not None:
         if not isinstance(shape, list) or len(shape) != 3 or any(type(v) is not int or v < 1 for v in shape):
             raise CondiffError(f"{where}: image_shape must be [C, H, W] (positive integers), got {shape!r}"[:300])
-        want = [net.get("in_channels", 1), net.get("image_size", 28), net.get("image_size", 28)]  # every kind's
-        if shape != want:  # defaults
+        size = net.get("image_size", 28)  # 1 channel, 28 pixels: every network kind's defaults
+        want = [net.get("in_channels", 1), size, size]
+        if shape != want:
             raise CondiffError(f"{where}: image_shape {shape} does not match the network, which takes "
                                f"{want} (in_channels {want[0]}, image_size {want[1]})")
     sc = config.get("schedule")

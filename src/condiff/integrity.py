@@ -34,8 +34,8 @@ UNLISTED = {"README.md"}  # model cards: documentation, edited freely, never loa
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 _LINE = re.compile(r"^([0-9a-f]{64}) [ *](\S.*)$")
 
-__all__ = ["MANIFEST", "UnverifiedWarning", "write_manifest", "verify_file", "verify_folder", "sha256_file", "weights_file", "load_pickle_weights",
-           "sniff_format"]
+__all__ = ["MANIFEST", "UnverifiedWarning", "write_manifest", "verify_file", "verify_folder", "sha256_file",
+           "weights_file", "load_pickle_weights", "sniff_format"]
 
 
 def sha256_file(path: str | Path) -> str:

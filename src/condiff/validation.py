@@ -23,8 +23,8 @@ MAX_LEVELS = 8  # resolution levels (entries of --channels)
 MAX_BLOCKS = 64  # residual blocks per level
 MAX_T = 100_000  # diffusion steps of a schedule
 
-__all__ = ["MAX_INT", "MAX_SEED", "MAX_WIDTH", "MAX_LEVELS", "MAX_BLOCKS", "MAX_T", "int_range", "seed", "float_range", "finite_float", "nonneg_float", "key_value",
-           "check_output_file", "check_output_dir",
+__all__ = ["MAX_INT", "MAX_SEED", "MAX_WIDTH", "MAX_LEVELS", "MAX_BLOCKS", "MAX_T", "int_range", "seed",
+           "float_range", "finite_float", "nonneg_float", "key_value", "check_output_file", "check_output_dir",
            "describe_unexpected", "one_line"]
 
 
