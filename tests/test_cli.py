@@ -162,7 +162,8 @@ def test_export_writes_model_card(trained, tmp_path):
     p = run_cli("export", "--ckpt", trained / "model", "--out", tmp_path / "m", "--command", "condiff train ...",
                 "--metric", "judge accuracy at w=2 = 0.95", "--metric", "wall time=about 7 min")
     assert p.returncode == 0, p.stderr
-    assert sorted(f.name for f in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(f.name for f in (tmp_path / "m").iterdir()) == ["README.md", "SHA256SUMS", "config.json",
+                                                                   "model.safetensors"]
     card = (tmp_path / "m" / "README.md").read_text()
     assert "steps: 30" in card and "condiff train ..." in card and "p_uncond: 0.1" in card
     assert "## Measured" in card and "- judge accuracy at w=2: 0.95" in card

@@ -289,7 +289,7 @@ def test_hand_edited_checkpoints_name_the_problem(model_run, tmp_path, record_pr
     ck = _copy_ckpt(model_run, tmp_path / "edited")
     (ck / "config.json").write_text((ck / "config.json").read_text().replace('"top"', '"TOP"'))
     rc, err = _sample(ck, tmp_path)
-    _assert_error(rc, err, tmp_path, "SHA256SUMS", "delete SHA256SUMS")
+    _assert_error(rc, err, tmp_path, "SHA256SUMS", "write SHA256SUMS again")
     tried.append("config: edited under a manifest")
     record_property("bad_inputs", len(tried))
 

@@ -18,65 +18,23 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, atomic_write_text, fsync_dir, fsync_file, replace_dir
 from .errors import CondiffError
-from .integrity import sniff_format, verify_file, weights_file, write_manifest
+from .integrity import PICKLE_SUFFIXES, sniff_format, verify_file, weights_file, write_manifest
 
 FORMAT = "condiff-checkpoint"
 VERSION = 1
-PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "resolve_checkpoint", "latest_checkpoint",
-           "load_latest_checkpoint", "read_config", "atomic_write_text"]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-@contextmanager
-def atomic_path(path: str | Path, suffix: str = ""):
-    """Yield a temp file path beside ``path``; renamed onto ``path`` when the block succeeds.
-
-    A failed write (or rename) removes the temp file, so no partial file is left behind.
-    ``suffix`` is for writers that append their own extension (``np.savez`` adds ``.npz``).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write failed
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via temp file + fsync + rename."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+           "load_latest_checkpoint", "read_config", "check_config", "check_weights", "load_state_strict",
+           "load_tensors", "atomic_path", "atomic_write_text"]  # the last two live in condiff.atomic
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -127,7 +85,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *, e
     full = dict(config, format=FORMAT, version=VERSION)
     atomic_write_text(tmp / "config.json", json.dumps(full, indent=2, sort_keys=True))
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-    _fsync_file(tmp / "model.safetensors")
+    fsync_file(tmp / "model.safetensors")
     if optimizer is not None:
         tensors = {f"model.{k}": v for k, v in raw.items()}
         opt_t, opt_meta = _flatten_optimizer(optimizer)
@@ -135,19 +93,12 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, *, e
         for name, state in (rng or {}).items():
             tensors[f"rng.{name}"] = state.cpu().contiguous()
         save_file(tensors, str(tmp / "training.safetensors"), metadata={"format": FORMAT})
-        _fsync_file(tmp / "training.safetensors")
+        fsync_file(tmp / "training.safetensors")
         atomic_write_text(tmp / "training.json", json.dumps({"step": step, "optimizer": opt_meta,
                                                             "extra": extra or {}}, indent=1))
     write_manifest(tmp)  # SHA256SUMS: loaders detect flipped or missing bytes
-    _fsync_dir(tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(tmp)
+    replace_dir(tmp, path)
     return path
 
 
@@ -200,10 +151,46 @@ def read_config(ckpt: str | Path) -> dict:
         raise CondiffError(f"{ckpt}/config.json is corrupt: {e}") from None
     if not isinstance(config, dict) or not isinstance(config.get("network"), dict):
         raise CondiffError(f"{ckpt}/config.json has no 'network' section")
+    check_config(config, f"{ckpt}/config.json")
     return config
 
 
-def _load_tensors(path: Path) -> dict:
+def check_config(config: dict, where: str = "config") -> None:
+    """Check a checkpoint config's values and their consistency before anything is built.
+
+    The network's sizes are bounded (:func:`condiff.nets.check_config`); ``image_shape``
+    must be the [C, H, W] the network takes; the schedule must have a known name and
+    1 to MAX_T steps.  Each problem is a one-line :class:`CondiffError` naming ``where``.
+    """
+    from .nets import check_config as check_network
+    from .validation import MAX_T
+
+    try:
+        check_network(config.get("network"))
+    except CondiffError as e:
+        raise CondiffError(f"{where}: {e}") from None
+    net = config["network"]
+    shape = config.get("image_shape")
+    if shape is not None:
+        if not isinstance(shape, list) or len(shape) != 3 or any(type(v) is not int or v < 1 for v in shape):
+            raise CondiffError(f"{where}: image_shape must be [C, H, W] (positive integers), got {shape!r}"[:300])
+        size = net.get("image_size", 28)  # 1 channel, 28 pixels: every network kind's defaults
+        want = [net.get("in_channels", 1), size, size]
+        if shape != want:
+            raise CondiffError(f"{where}: image_shape {shape} does not match the network, which takes "
+                               f"{want} (in_channels {want[0]}, image_size {want[1]})")
+    sc = config.get("schedule")
+    if sc is not None:
+        T = sc.get("T", 1000) if isinstance(sc, dict) else None
+        if not isinstance(sc, dict) or sc.get("name", "cosine") not in ("cosine", "linear") \
+                or type(T) is not int or not 1 <= T <= MAX_T:
+            raise CondiffError(f"{where}: schedule must name cosine or linear with T in [1, {MAX_T}], "
+                               f"got {sc!r}"[:300])
+
+
+def load_tensors(path: str | Path) -> dict:
+    """A safetensors file's tensors, after checking its folder's SHA256SUMS; one-line error if corrupt."""
+    path = Path(path)
     if not path.is_file():
         raise CondiffError(f"{path} is missing")
     verify_file(path)
@@ -216,8 +203,14 @@ def _load_tensors(path: Path) -> dict:
         raise CondiffError(f"{path} is corrupt or truncated ({msg})") from None
 
 
-def load_state_strict(model: torch.nn.Module, weights: dict, where: str) -> None:
-    """Load weights after checking every name and shape; the error names the mismatch."""
+def check_weights(model: torch.nn.Module, weights: dict, where: str) -> None:
+    """Every name, shape and kind of dtype of ``weights`` must be the model's; the error names the mismatch.
+
+    ``model`` may live on the meta device (``nets.build(config, "meta")``): the check then
+    costs no memory, so weights are matched to a config before the network is built.
+    A float tensor given as an integer (or bool) one, or the reverse, is refused:
+    copying it would silently change its values.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -228,24 +221,39 @@ def load_state_strict(model: torch.nn.Module, weights: dict, where: str) -> None
         if tuple(weights[k].shape) != tuple(v.shape):
             raise CondiffError(f"{where}: weight {k} has shape {tuple(weights[k].shape)}, "
                                f"config expects {tuple(v.shape)}")
+        got = weights[k].dtype
+        if (got.is_floating_point != v.dtype.is_floating_point or got.is_complex
+                or (got == torch.bool) != (v.dtype == torch.bool)):
+            raise CondiffError(f"{where}: weight {k} is {str(got).replace('torch.', '')}, the network expects "
+                               f"{str(v.dtype).replace('torch.', '')}")
+
+
+def load_state_strict(model: torch.nn.Module, weights: dict, where: str) -> None:
+    """Load weights after :func:`check_weights`; the error names the mismatch."""
+    check_weights(model, weights, where)
     model.load_state_dict(weights)
 
 
 def load_model(path: str | Path, device="cpu", trust_pickle: bool = False):
-    """Rebuild a network from a checkpoint; returns (model in eval mode, config)."""
+    """Rebuild a network from a checkpoint; returns (model in eval mode, config).
+
+    Order: checksums and config values first, then the weights against a meta-device
+    layout of the config (names, shapes, dtypes), and only then the network is built.
+    """
     from .nets import build
 
     ckpt = resolve_checkpoint(path, trust_pickle)
-    config = read_config(ckpt)
-    model = build(config["network"])
+    config = read_config(ckpt)  # verified against SHA256SUMS, values checked
     wfile = weights_file(path, ckpt, trust_pickle)
     if wfile.suffix.lower() in PICKLE_SUFFIXES:
         from .integrity import load_pickle_weights
 
         weights = load_pickle_weights(wfile)
     else:
-        weights = _load_tensors(wfile)
-    load_state_strict(model, weights, str(wfile))
+        weights = load_tensors(wfile)
+    check_weights(build(config["network"], "meta"), weights, str(wfile))
+    model = build(config["network"])
+    model.load_state_dict(weights)
     return model.to(device).eval(), config
 
 
@@ -253,10 +261,10 @@ def load_checkpoint(ckpt: str | Path) -> dict:
     """Everything needed to resume: config, weights, raw weights, optimizer state, RNG, step."""
     ckpt = Path(ckpt)
     config = read_config(ckpt)
-    weights = _load_tensors(ckpt / "model.safetensors")
+    weights = load_tensors(ckpt / "model.safetensors")
     out = {"config": config, "weights": weights, "path": ckpt}
     if (ckpt / "training.safetensors").is_file():
-        tensors = _load_tensors(ckpt / "training.safetensors")
+        tensors = load_tensors(ckpt / "training.safetensors")
         try:
             verify_file(ckpt / "training.json")
             meta = json.loads((ckpt / "training.json").read_text())

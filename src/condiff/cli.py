@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import CondiffError
-from .validation import (MAX_INT, check_output_dir, describe_unexpected, finite_float, int_range, key_value,
+from .validation import (MAX_LEVELS, MAX_WIDTH, check_output_dir, describe_unexpected, finite_float, int_range, key_value,
                          nonneg_float, one_line, seed)
 
 EPILOG = "Article: Su Jianlin, 'Generative diffusion models (9): conditional control of generation'."
@@ -19,12 +19,13 @@ EPILOG = "Article: Su Jianlin, 'Generative diffusion models (9): conditional con
 
 # ----------------------------------------------------------------------------- helpers
 def _int_list(text: str) -> list[int]:
+    """Network widths per level (--channels): 1 to MAX_LEVELS integers in [1, MAX_WIDTH]."""
     try:
         vals = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(not 1 <= v <= MAX_INT for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not 1 <= len(vals) <= MAX_LEVELS or any(not 1 <= v <= MAX_WIDTH for v in vals):
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_LEVELS} widths in [1, {MAX_WIDTH}], got {text!r}")
     return vals
 
 

@@ -5,8 +5,11 @@
   ``sha256sum -c SHA256SUMS`` checks a folder by hand).  A loader verifies a file
   against it before use, so flipped bytes or a truncated file anywhere, header
   or tensor data, give a one-line error instead of silently wrong weights.
-  Folders without the manifest (written by hand or by older versions) still load;
-  their safetensors structure and weight shapes are checked as before.
+  The manifest lists the files that are loaded (config, weights, training state),
+  not the model card ``README.md``, which stays editable.  A folder without the
+  manifest (made by hand, converted from another tool, or written by an older
+  condiff) still loads, with an :class:`UnverifiedWarning` that names it and says
+  how to write one; its config, weight names, shapes and dtypes are still checked.
 * ``--trust-pickle`` (``trust_pickle=True``) lets a ``.pt``/``.pth``/``.bin``/``.ckpt``
   *state dict* stand in for ``model.safetensors``, next to a ``config.json``.  It is
   read with ``torch.load(weights_only=True)``: PyTorch's restricted unpickler, which
@@ -18,18 +21,21 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_text
 from .errors import CondiffError
 
 MANIFEST = "SHA256SUMS"
+UNLISTED = {"README.md"}  # model cards: documentation, edited freely, never loaded
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 _LINE = re.compile(r"^([0-9a-f]{64}) [ *](\S.*)$")
 
-__all__ = ["MANIFEST", "write_manifest", "verify_file", "verify_folder", "sha256_file", "weights_file", "load_pickle_weights",
-           "sniff_format"]
+__all__ = ["MANIFEST", "UnverifiedWarning", "write_manifest", "verify_file", "verify_folder", "sha256_file",
+           "weights_file", "load_pickle_weights", "sniff_format"]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -41,12 +47,25 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: str | Path) -> Path:
-    """Write ``folder/SHA256SUMS`` for every regular file in ``folder`` (fsynced)."""
-    from .checkpoints import atomic_write_text
+class UnverifiedWarning(UserWarning, CondiffError):
+    """A model folder without SHA256SUMS was loaded: nothing could check its bytes.
 
+    Its message starts "unverified weights:".  It is also a :class:`CondiffError`, so a
+    warnings filter that turns it into an error (``python -W "error:unverified weights" -m condiff ...``,
+    or ``warnings.simplefilter("error", UnverifiedWarning)``) gives the CLI's one-line error.
+    """
+
+
+def _listable(folder: Path) -> list[Path]:
+    """The files a manifest of ``folder`` lists: regular, not hidden, not the manifest, not a model card."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in UNLISTED
+                  and not p.name.startswith("."))
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Write ``folder/SHA256SUMS`` for every regular file in ``folder`` but README.md (fsynced)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+    files = _listable(folder)
     atomic_write_text(folder / MANIFEST, "".join(f"{sha256_file(p)}  {p.name}\n" for p in files))
     return folder / MANIFEST
 
@@ -81,28 +100,34 @@ def _signature(folder: Path) -> tuple:
         return ()
 
 
-def verify_folder(folder: str | Path) -> None:
-    """Check every file listed in ``folder/SHA256SUMS``; a folder without the manifest passes.
+def verify_folder(folder: str | Path) -> bool:
+    """Check every file listed in ``folder/SHA256SUMS``: True when verified, False (with a warning) without one.
 
     The whole folder is checked at once so that damage anywhere (the manifest
     included) is found, whichever file a command reads; a folder whose files are
-    unchanged since its last check is not hashed again.
+    unchanged since its last check is not hashed again (nor warned about twice).
     """
     folder = Path(folder)
     sig = _signature(folder)
-    if (folder.resolve(), sig) in _VERIFIED:
-        return
+    key = (folder.resolve(), sig)
+    if key in _VERIFIED:
+        return _VERIFIED[key]
     sums = _read_manifest(folder)
     if sums is None:
-        return
+        warnings.warn(f"unverified weights: {folder} has no {MANIFEST}, so nothing checks its bytes (a damaged "
+                      f"copy would go unnoticed); if its files are as intended, write one: cd {folder} && sha256sum "
+                      f"{' '.join(p.name for p in _listable(folder))} > {MANIFEST}", UnverifiedWarning, stacklevel=2)
+        _VERIFIED[key] = False
+        return False
     for name, digest in sums.items():
         path = folder / name
         if "/" in name or not path.is_file():
             raise CondiffError(f"{path} is missing (listed in {MANIFEST}): the checkpoint is corrupt or incomplete")
         if sha256_file(path) != digest:
             raise CondiffError(f"{path} is corrupt or truncated: its SHA-256 does not match {MANIFEST} "
-                               f"({path.stat().st_size} bytes; if you edited it on purpose, delete {MANIFEST})")
-    _VERIFIED[(folder.resolve(), sig)] = True
+                               f"({path.stat().st_size} bytes; if you edited it on purpose, write {MANIFEST} again)")
+    _VERIFIED[key] = True
+    return True
 
 
 def verify_file(path: str | Path) -> None:

@@ -16,9 +16,15 @@ from .errors import CondiffError
 
 MAX_INT = 2**31 - 1  # larger integers overflow torch's index types and are never meant
 MAX_SEED = 2**32 - 1
+# network sizes a config or a flag may ask for: far above any model this project trains (64-128 wide,
+# 2-3 levels, 1-2 blocks), far below what would take minutes just to construct or exhaust memory
+MAX_WIDTH = 4096  # channels of one resolution level
+MAX_LEVELS = 8  # resolution levels (entries of --channels)
+MAX_BLOCKS = 64  # residual blocks per level
+MAX_T = 100_000  # diffusion steps of a schedule
 
-__all__ = ["MAX_INT", "MAX_SEED", "int_range", "seed", "float_range", "finite_float", "nonneg_float", "key_value",
-           "check_output_file", "check_output_dir",
+__all__ = ["MAX_INT", "MAX_SEED", "MAX_WIDTH", "MAX_LEVELS", "MAX_BLOCKS", "MAX_T", "int_range", "seed",
+           "float_range", "finite_float", "nonneg_float", "key_value", "check_output_file", "check_output_dir",
            "describe_unexpected", "one_line"]
 
 

@@ -1,20 +1,22 @@
 """Models that ship inside the package, and exporting a trained run as one.
 
 A shipped model is a folder ``condiff/models/NAME`` holding ``config.json``,
-``model.safetensors`` (inference weights) and ``README.md`` (its model card).
+``model.safetensors`` (inference weights), ``README.md`` (its model card) and
+``SHA256SUMS`` (checked on every load).  :func:`export_model` writes such a folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from .checkpoints import atomic_write_text, read_config, resolve_checkpoint
+from .atomic import atomic_write_text, fsync_dir, replace_dir
+from .checkpoints import load_tensors, check_weights, read_config, resolve_checkpoint
 from .errors import CondiffError
+from .integrity import MANIFEST, sha256_file, write_manifest
 
 # role -> folder name under condiff/models
 SHIPPED = {
@@ -25,7 +27,9 @@ SHIPPED = {
     "judge": "fashion-judge",
 }
 
-__all__ = ["SHIPPED", "models_dir", "shipped", "export_model"]
+EXPORT_FILES = ("config.json", "model.safetensors", "README.md", MANIFEST)  # all an export folder holds
+
+__all__ = ["SHIPPED", "EXPORT_FILES", "models_dir", "shipped", "export_model", "check_export_dest"]
 
 
 def models_dir() -> Path:
@@ -51,18 +55,83 @@ def _last_log(run: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_export_dest(dest: str | Path, sources=()) -> Path:
+    """``dest`` if an export may be written there: new, empty, or an earlier export; never in a source.
+
+    Replacing ``dest`` must destroy nothing but an earlier export, so a folder that
+    holds anything an export does not (see EXPORT_FILES) is refused, and so is a
+    destination that is, lies inside, or contains one of ``sources`` (the run and
+    checkpoint folders being exported).  One-line :class:`CondiffError` otherwise.
+    """
+    dest = Path(dest)
+    where = dest.resolve()
+    sources = sorted({Path(src).resolve() for src in sources}, key=lambda p: len(p.parts))  # the run first
+    for src in sources:
+        if _inside(where, src):
+            raise CondiffError(f"export destination {dest} is inside the source {src}; export to a folder "
+                               "outside the run (nothing was written)")
+    for src in sources:
+        if _inside(src, where):
+            raise CondiffError(f"export destination {dest} contains the source {src}; export to a folder "
+                               "outside the run (nothing was written)")
+    if dest.exists() and not dest.is_dir():
+        raise CondiffError(f"export destination {dest} is a file, not a folder")
+    if dest.is_dir():
+        entries = sorted(dest.iterdir())
+        foreign = [p.name for p in entries if p.name not in EXPORT_FILES or not p.is_file()]
+        earlier = (dest / "config.json").is_file() and (dest / "model.safetensors").is_file()
+        if entries and (foreign or not earlier):
+            held = ", ".join(foreign[:3] or [p.name for p in entries[:3]]) + (", ..." if len(entries) > 3 else "")
+            raise CondiffError(f"export destination {dest} is not empty and is not an earlier export (it holds "
+                               f"{held}); export into a new or empty folder")
+    return dest
+
+
 def export_model(run: str | Path, dest: str | Path, *, command: str = "", metrics: dict | None = None,
                  data: str = "Fashion-MNIST train split (60,000 images)") -> Path:
-    """Copy a run's newest inference weights + config to ``dest`` and write its model card."""
+    """Copy a run's newest inference weights + config to ``dest`` with a model card and SHA256SUMS.
+
+    ``run`` is a run folder, a checkpoint folder or its ``.safetensors`` file; it is
+    only read.  ``dest`` must be new, empty or an earlier export (:func:`check_export_dest`);
+    the new folder is assembled beside it and swapped in whole, so ``dest`` is at every
+    moment the complete old export or the complete new one.
+    """
     run = Path(run)
     ckpt = resolve_checkpoint(run)
-    config = read_config(ckpt)
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    sources = {run if run.is_dir() else run.parent, ckpt}
+    if ckpt.parent.name == "checkpoints":  # a step-N folder: protect its whole run
+        sources.add(ckpt.parent.parent)
+    dest = check_export_dest(dest, sources)
+    config = read_config(ckpt)  # verified against its SHA256SUMS, values checked
+    from .nets import build
+
+    weights = load_tensors(ckpt / "model.safetensors")
+    check_weights(build(config["network"], "meta"), weights, str(ckpt / "model.safetensors"))
+    params = sum(v.numel() for v in weights.values())
+    del weights
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
+    try:
+        _write_export(tmp, ckpt, run, config, params, dest.name, command, metrics, data)
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left when the export failed
+    return dest
+
+
+def _write_export(tmp: Path, ckpt: Path, run: Path, config: dict, params: int, name: str, command: str,
+                  metrics: dict | None, data: str) -> None:
+    """Fill ``tmp`` with the weights, config, model card and SHA256SUMS of an export."""
     shutil.copyfile(ckpt / "model.safetensors", tmp / "model.safetensors")
+    if sha256_file(tmp / "model.safetensors") != sha256_file(ckpt / "model.safetensors"):
+        raise CondiffError(f"copying {ckpt / 'model.safetensors'} gave different bytes (a failing disk?)")
     atomic_write_text(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True))
     run = run if (run / "metrics.jsonl").is_file() else ckpt.parent.parent
     last = _last_log(run)
@@ -76,8 +145,7 @@ def export_model(run: str | Path, dest: str | Path, *, command: str = "", metric
     if clean.get("wall_s") is not None:
         wall += f" (E1 stage) + {clean['wall_s']} s (E2 stage, {clean.get('step')} steps)"
     train = config.get("train", {})
-    params = sum(v.numel() for v in load_file(str(tmp / "model.safetensors")).values())
-    lines = [f"# {dest.name}", "",
+    lines = [f"# {name}", "",
              f"Task: **{config.get('task')}**. Network: `{json.dumps(config['network'])}` ({params / 1e6:.2f}M parameters).",
              "", f"Data: {data}.", "",
              "## Training", "",
@@ -95,8 +163,5 @@ def export_model(run: str | Path, dest: str | Path, *, command: str = "", metric
     if metrics:
         lines += ["", "## Measured", ""] + [f"- {k}: {v}" for k, v in metrics.items()]
     atomic_write_text(tmp / "README.md", "\n".join(lines) + "\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
-
+    write_manifest(tmp)  # config.json and model.safetensors; the model card stays editable
+    fsync_dir(tmp)
