@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from .errors import CondiffError, NonFiniteError  # noqa: E402
 from .schedule import Schedule, cosine_schedule, linear_schedule, respace  # noqa: E402
 from .samplers import (  # noqa: E402
-    SAMPLERS, nfe, sample, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m_sde,
+    SAMPLERS, nfe, sample, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde,
     sample_euler, sample_euler_ancestral, sample_heun,
 )
 from .guidance import (  # noqa: E402
@@ -20,6 +20,6 @@ from .guidance import (  # noqa: E402
 __all__ = [
     "CondiffError", "NonFiniteError", "Schedule", "cosine_schedule", "linear_schedule", "respace", "sample",
     "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
-    "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "SAMPLERS", "nfe", "ClassifierFree", "ClassifierTerm", "GradientTerm", "MeanShift", "NullBranch",
+    "sample_dpmpp_2m_sde", "SAMPLERS", "nfe", "ClassifierFree", "ClassifierTerm", "GradientTerm", "MeanShift", "NullBranch",
     "ScoreGuided", "SimilarityTerm",
 ]

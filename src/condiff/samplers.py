@@ -35,7 +35,7 @@ from .schedule import Schedule, respace
 
 __all__ = [
     "noise", "sample", "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_heun",
-    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "dynamic_threshold", "SAMPLERS", "STOCHASTIC",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "dynamic_threshold", "SAMPLERS", "STOCHASTIC",
     "MEAN_SHIFT_SAMPLERS", "nfe",
 ]
 
@@ -137,6 +137,7 @@ def sample(
     threshold: float | None = None,
     callback: Callable[[dict], None] | None = None,
     progress: bool = False,
+    **options,
 ) -> torch.Tensor:
     """Run the reverse process from x_T to x_0 (eqs 16-17 with a chosen sigma_t): DDPM and DDIM.
 
@@ -167,7 +168,7 @@ def sample(
         raise CondiffError(f"eta must be a finite number >= 0, got {eta}")
     if mean_shift is not None and variance == "ddim" and eta == 0:
         raise CondiffError("mean-shift guidance needs sigma_t > 0: use ddpm, ddim with eta > 0, or the score form")
-    pairs = _steps("ddim" if variance == "ddim" else "ddpm", schedule, steps, spacing, clip_x0, threshold, {})
+    pairs = _steps("ddim" if variance == "ddim" else "ddpm", schedule, steps, spacing, clip_x0, threshold, options)
     for i, (t, s) in _bar(pairs, progress, "sampling"):
         a_t, b_t = schedule.coefficients(t)
         a_s, b_s = schedule.coefficients(s)
@@ -249,15 +250,21 @@ def sample_heun(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *, 
                 spacing: str = "linspace", clip_x0=None, threshold=None, callback=None, progress: bool = False,
                 **options):
     """Heun's 2nd-order method on the probability-flow ODE d(x/abar)/dsigma = eps~ (Karras et al. 2022,
-    Algorithm 1, deterministic): Euler predictor, trapezoidal corrector; a plain Euler step to the clean image.
-    Two network calls per step, one on the last."""
+    Algorithm 1, deterministic): Euler predictor, trapezoidal corrector.
+
+    Two steps are plain Euler: the last (to the clean image, sigma = 0, as EDM does) and the first.  The first
+    leaves sigma_{T-1}, which on the cosine schedule is about 2e4 (EDM stops at 80): eps varies too fast in
+    sigma there for the trapezoid rule, whose correction (sigma_t/sigma_s)(x0_t - x0_s)/2 then explodes,
+    while the Euler (= DDIM) step is exact for a constant x0.  One first-order step keeps global order 2.
+    Network calls: 2 per step except these two, 2K - 2 for K >= 2 steps.
+    """
     pairs = _steps("heun", schedule, steps, spacing, clip_x0, threshold, options)
     for i, (t, s) in _bar(pairs, progress, "heun"):
         (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
         dsig = b_s / a_s - b_t / a_t
         eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
         xt = x / a_t + dsig * eps  # Euler step
-        if s >= 0:  # 2nd-order correction: average the slopes at both ends
+        if 0 < i and s >= 0:  # 2nd-order correction: average the slopes at both ends
             eps_s, _ = _predict(model, a_s * xt, s, schedule, cond, clip_x0, threshold)
             xt = x / a_t + dsig * 0.5 * (eps + eps_s)
         x = a_s * xt
@@ -326,42 +333,6 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, schedule: Schedule, steps
     return x
 
 
-@torch.no_grad()
-def sample_dpmpp_3m_sde(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *, cond=None,
-                        generator=None, spacing: str = "linspace", clip_x0=None, threshold=None, callback=None,
-                        progress: bool = False, **options):
-    """DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde, eta = 1): the 2M SDE step with 2nd- and
-    3rd-order corrections phi_2 D1 - phi_3 D2 from the last three data predictions (Lu et al. 2022)."""
-    pairs = _steps("dpm++3m-sde", schedule, steps, spacing, clip_x0, threshold, options)
-    hist = []  # (x0, h) of earlier steps, newest first
-    for i, (t, s) in _bar(pairs, progress, "dpm++3m-sde"):
-        (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
-        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
-        if s < 0:
-            x = x0
-        else:
-            h = math.log(a_s / b_s) - math.log(a_t / b_t)
-            h2 = 2 * h  # h (1 + eta), eta = 1
-            one_minus = -math.expm1(-h2)
-            xt = (b_s / b_t) * math.exp(-h) * x + (a_s * one_minus) * x0
-            phi2 = 1 - one_minus / h2  # k-diffusion writes expm1(-h2)/h2 + 1
-            if len(hist) >= 2:
-                (m1, h1), (m2, hh2) = hist[0], hist[1]
-                r0, r1 = h1 / h, hh2 / h
-                d1_0, d1_1 = (x0 - m1) / r0, (m1 - m2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi3 = phi2 / h2 - 0.5
-                xt = xt + a_s * (phi2 * d1 - phi3 * d2)
-            elif hist:
-                m1, h1 = hist[0]
-                xt = xt + (a_s * phi2 * h / h1) * (x0 - m1)
-            x = xt + (b_s * math.sqrt(one_minus)) * _randn(x, generator)
-            hist = [(x0, h)] + hist[:1]
-        _after_step(i, t, x, x0, eps, callback)
-    return x
-
-
 # The calling convention of every solver (the sampling-core contract):
 #   fn(model, x_T, schedule, steps, *, cond=None, generator=None, spacing="linspace", clip_x0=None,
 #      threshold=None, callback=None, progress=False, **solver_options) -> x_0
@@ -375,17 +346,16 @@ SAMPLERS = {
     "heun": sample_heun,
     "dpm++2m": sample_dpmpp_2m,
     "dpm++2m-sde": sample_dpmpp_2m_sde,
-    "dpm++3m-sde": sample_dpmpp_3m_sde,
 }
 # samplers that add fresh noise every step (ddim only with eta > 0)
-STOCHASTIC = frozenset({"ddpm", "euler-ancestral", "dpm++2m-sde", "dpm++3m-sde"})
+STOCHASTIC = frozenset({"ddpm", "euler-ancestral", "dpm++2m-sde"})
 MEAN_SHIFT_SAMPLERS = frozenset({"ddpm", "ddim"})  # ancestral samplers: mean-shift guidance has a meaning
 
 
 def nfe(name: str, steps: int | Sequence[int]) -> int:
     """Network evaluations per image of sampler ``name`` over ``steps`` steps (guidance multiplies it):
-    one per step, and Heun two per step except its last (a plain Euler step to the clean image)."""
+    one per step; Heun two per step except its first and last (plain Euler steps), 2K - 2 for K >= 2."""
     if name not in SAMPLERS:
         raise CondiffError(f"unknown sampler {name!r} (choose {', '.join(SAMPLERS)})")
     k = int(steps) if isinstance(steps, int) else len(list(steps))
-    return 2 * k - 1 if name == "heun" else k
+    return max(2 * k - 2, k) if name == "heun" else k
