@@ -249,8 +249,8 @@ def sample_euler_ancestral(model: Model, x: torch.Tensor, schedule: Schedule, st
 def sample_heun(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *, cond=None, generator=None,
                 spacing: str = "linspace", clip_x0=None, threshold=None, callback=None, progress: bool = False,
                 **options):
-    """Heun's 2nd-order method on the probability-flow ODE d(x/abar)/dsigma = eps~ (Karras et al. 2022,
-    Algorithm 1, deterministic): Euler predictor, trapezoidal corrector.
+    """Heun's 2nd-order method on the probability-flow ODE d(x/abar)/dsigma = eps~ (eq 17's sigma_t = 0 limit;
+    Karras et al. 2022, Algorithm 1, deterministic): Euler predictor, trapezoidal corrector.
 
     Two steps are plain Euler: the last (to the clean image, sigma = 0, as EDM does) and the first.  The first
     leaves sigma_{T-1}, which on the cosine schedule is about 2e4 (EDM stops at 80): eps varies too fast in
@@ -284,7 +284,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: Schedule, steps=25,
                     spacing: str = "linspace", clip_x0=None, threshold=None, callback=None, progress: bool = False,
                     **options):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep exponential integrator of the probability-flow
-    ODE in lambda_t, on the data prediction x0 = (x_t - bbar_t eps~)/abar_t:
+    ODE (eq 17, sigma_t = 0) in lambda_t, on the data prediction x0 = (x_t - bbar_t eps~)/abar_t of eq 19's eps~:
 
         x_s = (bbar_s / bbar_t) x_t - abar_s (e^{-h} - 1) D,   h = lambda_s - lambda_t,
 
@@ -310,7 +310,8 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: Schedule, steps=25,
 def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *, cond=None,
                         generator=None, spacing: str = "linspace", clip_x0=None, threshold=None, callback=None,
                         progress: bool = False, **options):
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++, midpoint form as diffusers and k-diffusion):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, SDE-DPM-Solver++, midpoint form as diffusers and k-diffusion), the
+    reverse SDE of eq 16 with sigma_t at its DDPM value, stepped in lambda_t:
 
         x_s = (bbar_s / bbar_t) e^{-h} x_t + abar_s (1 - e^{-2h}) D + bbar_s sqrt(1 - e^{-2h}) z,
 
