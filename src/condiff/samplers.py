@@ -48,7 +48,6 @@ def noise(shape, generator: torch.Generator | None = None, device=None, dtype=to
     return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device or gdev)
 
 
-
 def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Step noise z ~ N(0, I) shaped like x, drawn on the generator's device."""
     return torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device,
@@ -83,13 +82,13 @@ def _predict(model: Model, x: torch.Tensor, t: int, schedule: Schedule, cond, cl
     return eps, x0
 
 
-def _steps(name: str, schedule: Schedule, steps, spacing: str, clip_x0, threshold, options: dict, allowed=()):
+def _steps(name: str, schedule: Schedule, steps, spacing: str, clip_x0, threshold, options: dict):
     """Check the options every solver shares; the pairs (t, s) of the chain, s = -1 being the clean image."""
     if options.get("mean_shift") is not None and name not in MEAN_SHIFT_SAMPLERS:
-        raise CondiffError(f"mean-shift guidance (eqs 6-8) needs an ancestral sampler ({', '.join(sorted(MEAN_SHIFT_SAMPLERS))}"
-                           f"), not {name}: use --form score")
+        raise CondiffError(f"mean-shift guidance (eqs 6-8) needs an ancestral sampler "
+                           f"({', '.join(sorted(MEAN_SHIFT_SAMPLERS))}), not {name}: use the score form (eq 19)")
     options.pop("mean_shift", None)
-    extra = set(options) - set(allowed)
+    extra = set(options)
     if extra:
         raise CondiffError(f"sampler {name} has no option {', '.join(sorted(extra))}")
     if clip_x0 is not None and not (isinstance(clip_x0, (int, float)) and math.isfinite(clip_x0) and clip_x0 > 0):
