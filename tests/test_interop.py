@@ -217,10 +217,35 @@ def test_dpm_solver_pp_2m_matches_diffusers(ddpm, spacing, steps):
     assert (ours - ddim).abs().max() > 1e-3  # not DDIM: the comparison has power
 
 
+@pytest.mark.parametrize("steps", [3, 5, 12, 20])
+def test_unipc_matches_diffusers(ddpm, steps):
+    """UniPC equals diffusers' UniPCMultistepScheduler (bh2, order 2, data prediction, lower-order final steps)
+    on the same eps-model and x_T; its set_timesteps takes no list, so both use the trailing spacing."""
+    root, _, _ = ddpm
+    model, schedule, _ = load_diffusers(root)
+    sched = diffusers_scheduler(diffusers.UniPCMultistepScheduler, schedule, solver_order=2, solver_type="bh2",
+                                predict_x0=True, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    assert sched.timesteps.tolist() == respace(schedule, steps, "trailing")
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        x = x_T
+        for t in sched.timesteps:
+            x = sched.step(model(x, torch.full((4,), int(t)), None), t, x).prev_sample
+        ours = SAMPLERS["unipc"](model, x_T, schedule, steps, spacing="trailing")
+        dpm = SAMPLERS["dpm++2m"](model, x_T, schedule, steps, spacing="trailing")
+    print(f"max |condiff - diffusers| {float((ours - x).abs().max()):.2e}")
+    assert (ours - x).abs().max() < 1e-4
+    assert (ours - dpm).abs().max() > 5e-4  # the corrector changes the result (measured 1e-3 .. 6e-3)
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
-@pytest.mark.parametrize("T,steps", [(1000, 1), (1000, 7), (1000, 10), (1000, 333), (50, 50), (50, 3)])
+@pytest.mark.parametrize("T,steps", [(1000, 1), (1000, 7), (1000, 10), (1000, 333), (50, 50), (50, 3), (50, 12),
+                                     (1000, 24)])
 def test_leading_and_trailing_are_diffusers_spacings(spacing, T, steps):
-    """Diffusers' DDIMScheduler(timestep_spacing=...) visits the same timesteps (steps_offset 0)."""
+    """Diffusers' DDIMScheduler(timestep_spacing=...) visits the same timesteps (steps_offset 0).  Checked for every
+    K at T = 10, 50, 100, 1000: equal wherever diffusers returns K steps (its trailing list has K + 1, ending at
+    -1, for 69 of those, e.g. T = 1000, K = 985; condiff keeps K distinct steps there)."""
     sched = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
     sched.set_timesteps(steps)
     assert sched.timesteps.tolist() == respace(linear_schedule(T), steps, spacing)

@@ -35,7 +35,7 @@ from .schedule import Schedule, respace
 
 __all__ = [
     "noise", "sample", "sample_ddpm", "sample_ddim", "sample_euler", "sample_euler_ancestral", "sample_heun",
-    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "dynamic_threshold", "SAMPLERS", "STOCHASTIC",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_unipc", "dynamic_threshold", "SAMPLERS", "STOCHASTIC",
     "MEAN_SHIFT_SAMPLERS", "nfe",
 ]
 
@@ -333,6 +333,61 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, schedule: Schedule, steps
     return x
 
 
+def _lam(schedule: Schedule, t: int) -> float:
+    """lambda_t = log(abar_t / bbar_t) of an integer timestep."""
+    a, b = schedule.coefficients(t)
+    return math.log(a / b)
+
+
+@torch.no_grad()
+def sample_unipc(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *, cond=None, generator=None,
+                 spacing: str = "linspace", clip_x0=None, threshold=None, callback=None, progress: bool = False,
+                 **options):
+    """UniPC (Zhao et al. 2023), order 2, data prediction, B(h) = e^{-h} - 1 ("bh2"), on the probability-flow
+    ODE (eq 17, sigma_t = 0) in lambda_t.
+
+    Each step first corrects x_t with the x0 just predicted there (UniC, no extra network call; the model
+    output itself is the one taken at the uncorrected x_t), then predicts x_s (UniP-2, which with bh2 is the
+    DPM-Solver++(2M) step).  Warm-up and the last step are first order, as in diffusers' UniPCMultistepScheduler
+    (lower_order_final); the last step lands on x0.
+    """
+    pairs = _steps("unipc", schedule, steps, spacing, clip_x0, threshold, options)
+    hist = []  # (t, x0) of the last two steps, newest last
+    x_prev = order_prev = None
+    for i, (t, s) in _bar(pairs, progress, "unipc"):
+        (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
+        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
+        if x_prev is not None:  # UniC-p: corrector from the previous timestep with the new data prediction
+            (t0, m0), h = hist[-1], _lam(schedule, t) - _lam(schedule, hist[-1][0])
+            phi1 = math.expm1(-h)  # h phi_1 = B(h) for bh2
+            b1 = (phi1 / -h - 1) / phi1
+            if order_prev == 1:
+                rho, corr = 0.5, 0.0
+            else:
+                t2, m2 = hist[-2]
+                r = (_lam(schedule, t2) - _lam(schedule, t0)) / h
+                b2 = 2 * ((phi1 / -h - 1) / -h - 0.5) / phi1
+                rho0 = (b1 - b2) / (1 - r)
+                rho, corr = b1 - rho0, rho0 * (m2 - m0) / r
+            b_0 = schedule.coefficients(t0)[1]
+            x = (b_t / b_0) * x_prev - (a_t * phi1) * m0 - (a_t * phi1) * (corr + rho * (x0 - m0))
+        hist = (hist + [(t, x0)])[-2:]
+        order = min(2, len(pairs) - i, len(hist))
+        x_prev, order_prev = x, order
+        if s < 0:
+            x = x0
+        else:  # UniP-p predictor
+            h = _lam(schedule, s) - _lam(schedule, t)
+            phi1 = math.expm1(-h)
+            x = (b_s / b_t) * x - (a_s * phi1) * x0
+            if order == 2:
+                t1, m1 = hist[-2]
+                r = (_lam(schedule, t1) - _lam(schedule, t)) / h
+                x = x - (a_s * phi1 * 0.5 / r) * (m1 - x0)
+        _after_step(i, t, x, x0, eps, callback)
+    return x
+
+
 # The calling convention of every solver (the sampling-core contract):
 #   fn(model, x_T, schedule, steps, *, cond=None, generator=None, spacing="linspace", clip_x0=None,
 #      threshold=None, callback=None, progress=False, **solver_options) -> x_0
@@ -346,6 +401,7 @@ SAMPLERS = {
     "heun": sample_heun,
     "dpm++2m": sample_dpmpp_2m,
     "dpm++2m-sde": sample_dpmpp_2m_sde,
+    "unipc": sample_unipc,
 }
 # samplers that add fresh noise every step (ddim only with eta > 0)
 STOCHASTIC = frozenset({"ddpm", "euler-ancestral", "dpm++2m-sde"})

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .errors import CondiffError
@@ -149,7 +150,8 @@ def respace(schedule: Schedule, steps: int | Sequence[int] | None = None, spacin
 
     * ``"linspace"``: evenly over [0, T-1], both ends included (condiff's default);
     * ``"leading"``: t = i * (T // K), i = 0..K-1 (diffusers' leading spacing, steps_offset 0);
-    * ``"trailing"``: t = round(T - i * T / K) - 1 (diffusers' trailing spacing; starts at T-1);
+    * ``"trailing"``: t = round(T - i * T / K) - 1 (diffusers' trailing spacing, numpy.arange's float
+      steps included; starts at T-1);
     * ``"lambda"``: uniform in lambda_t = log(abar_t / bbar_t) from lambda_{T-1} to lambda_0 (DPM-Solver);
     * ``"karras"``: Karras et al.'s sigma_i = (smax^(1/7) + i/(K-1) (smin^(1/7) - smax^(1/7)))^7 in
       sigma_t = bbar_t / abar_t, from sigma_{T-1} down to sigma_0.
@@ -184,7 +186,8 @@ def _spaced(schedule: Schedule, K: int, spacing: str) -> list[int]:
     if spacing == "leading":
         return [i * (T // K) for i in range(K - 1, -1, -1)]
     if spacing == "trailing":
-        return _distinct([round(T - i * (T / K)) - 1 for i in range(K)], T)
+        # numpy's arange, as diffusers computes it: its float steps decide the ties of the rounding
+        return _distinct([int(v) - 1 for v in np.arange(T, 0, -T / K).round()[:K]], T)
     if K == 1:
         return [T - 1]
     if spacing == "linspace":
