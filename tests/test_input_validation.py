@@ -246,8 +246,8 @@ def capped(monkeypatch, tmp_path):
 
     real_respace = samplers.respace
 
-    def capped_respace(schedule, steps=None):
-        ts = real_respace(schedule, steps)
+    def capped_respace(schedule, steps=None, spacing="linspace"):
+        ts = real_respace(schedule, steps, spacing)
         return ts if len(ts) <= 2 else [ts[0], ts[-1]]
 
     monkeypatch.setattr(training.TrainConfig, "validate", capped_validate)

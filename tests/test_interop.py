@@ -20,7 +20,8 @@ from condiff.guidance import ClassifierTerm, ScoreGuided
 from condiff.interop import DiffusersEps, check_classifier_schedule, load_diffusers
 from condiff.nets import EncoderNet
 from condiff.pipeline import generate
-from condiff.schedule import cosine_schedule, linear_schedule
+from condiff.samplers import SAMPLERS
+from condiff.schedule import cosine_schedule, linear_schedule, respace
 from condiff.training import ClassifierTask, TrainConfig, train
 from helpers import shapes_dataset
 
@@ -174,3 +175,77 @@ def test_similarity_guidance_works_on_the_diffusers_model(ddpm):
     guided = generate(ScoreGuided(model, schedule, SimilarityTerm(cos, scale=200.0)), schedule, 6, shape=(1, 8, 8),
                       steps=10, seed=4)
     assert cos(guided, None).mean() > cos(plain, None).mean() + 0.3
+
+
+# --- issue 15: condiff's solvers and step schedules against diffusers' schedulers --------------------------------
+
+def diffusers_scheduler(cls, schedule, **config):
+    """A diffusers scheduler on condiff's schedule, converted once through Schedule.alphas_cumprod()."""
+    ac = schedule.alphas_cumprod()
+    betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])  # diffusers' betas = 1 - ac_t / ac_{t-1}
+    sched = cls(num_train_timesteps=schedule.T, trained_betas=betas.numpy(), **config)
+    assert torch.allclose(sched.alphas_cumprod.double(), ac, rtol=1e-5)  # the same schedule (float32 there)
+    return sched
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing", "lambda", "karras"])
+@pytest.mark.parametrize("steps", [5, 12, 20])
+def test_dpm_solver_pp_2m_matches_diffusers(ddpm, spacing, steps):
+    """DPM-Solver++(2M) equals diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, final sigma zero:
+    first-order first and last steps) on the same eps-model, x_T and timesteps.
+
+    The DDPM's linear schedule (T = 50) keeps abar_t >= 0.6, so diffusers' float32 coefficients cost ~1e-6.
+    (On the cosine schedule, abar_{T-1} ~ 5e-5, diffusers' float32 bbar_t = 1 - 1e-9 rounds to 1 and its x0
+    then differs from the exact one by ~1e-3; condiff computes the coefficients in float64.)
+    """
+    root, _, _ = ddpm
+    model, schedule, _ = load_diffusers(root)
+    sched = diffusers_scheduler(diffusers.DPMSolverMultistepScheduler, schedule, algorithm_type="dpmsolver++",
+                                solver_order=2)
+    ts = respace(schedule, steps, spacing)
+    sched.set_timesteps(timesteps=ts)
+    assert sched.timesteps.tolist() == ts
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x = x_T
+        for t in sched.timesteps:
+            x = sched.step(model(x, torch.full((4,), int(t)), None), t, x).prev_sample
+        ours = SAMPLERS["dpm++2m"](model, x_T, schedule, steps, spacing=spacing)
+    print(f"max |condiff - diffusers| {float((ours - x).abs().max()):.2e}")
+    assert (ours - x).abs().max() < 1e-4
+    ddim = SAMPLERS["ddim"](model, x_T, schedule, steps, spacing=spacing)
+    assert (ours - ddim).abs().max() > 1e-3  # not DDIM: the comparison has power
+
+
+@pytest.mark.parametrize("steps", [3, 5, 12, 20])
+def test_unipc_matches_diffusers(ddpm, steps):
+    """UniPC equals diffusers' UniPCMultistepScheduler (bh2, order 2, data prediction, lower-order final steps)
+    on the same eps-model and x_T; its set_timesteps takes no list, so both use the trailing spacing."""
+    root, _, _ = ddpm
+    model, schedule, _ = load_diffusers(root)
+    sched = diffusers_scheduler(diffusers.UniPCMultistepScheduler, schedule, solver_order=2, solver_type="bh2",
+                                predict_x0=True, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    assert sched.timesteps.tolist() == respace(schedule, steps, "trailing")
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        x = x_T
+        for t in sched.timesteps:
+            x = sched.step(model(x, torch.full((4,), int(t)), None), t, x).prev_sample
+        ours = SAMPLERS["unipc"](model, x_T, schedule, steps, spacing="trailing")
+        dpm = SAMPLERS["dpm++2m"](model, x_T, schedule, steps, spacing="trailing")
+    print(f"max |condiff - diffusers| {float((ours - x).abs().max()):.2e}")
+    assert (ours - x).abs().max() < 1e-4
+    assert (ours - dpm).abs().max() > 5e-4  # the corrector changes the result (measured 1e-3 .. 6e-3)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("T,steps", [(1000, 1), (1000, 7), (1000, 10), (1000, 333), (50, 50), (50, 3), (50, 12),
+                                     (1000, 24)])
+def test_leading_and_trailing_are_diffusers_spacings(spacing, T, steps):
+    """Diffusers' DDIMScheduler(timestep_spacing=...) visits the same timesteps (steps_offset 0).  Checked for every
+    K at T = 10, 50, 100, 1000: equal wherever diffusers returns K steps (its trailing list has K + 1, ending at
+    -1, for 69 of those, e.g. T = 1000, K = 985; condiff keeps K distinct steps there)."""
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    assert sched.timesteps.tolist() == respace(linear_schedule(T), steps, spacing)

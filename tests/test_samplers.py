@@ -321,3 +321,50 @@ def test_noise_is_reproducible():
     a = noise((3, 2), gen(4), dtype=F64)
     assert torch.equal(a, noise((3, 2), gen(4), dtype=F64)) and a.dtype == F64
     assert not torch.equal(a, noise((3, 2), gen(5), dtype=F64))
+
+
+# --- seeded regression: DDPM and DDIM outputs pinned before the solver refactor (issue 15) ------------------
+
+# Computed with the sampler of commit 5716f4c (one generic loop) on the mixture above, x_T from seed 5,
+# step noise from seed 17; printed with 12 significant digits.  DDIM(eta = 1) equals DDPM (posterior).
+PINNED = {
+    "linear": {
+        "ddpm": [[1.57939072664, -0.306754949903], [-1.63550979545, 0.761837045827], [0.657031680582, -1.66737273933]],
+        "ddpm-beta": [[1.59647832624, -0.111158191239], [-1.52201318005, 0.702842524834],
+                      [0.391435198229, -2.17830510437]],
+        "ddim-eta0": [[0.549117922508, -0.959324320792], [-1.38429280105, 0.637977716773],
+                      [-1.1262674135, 1.29336816422]],
+        "ddim-eta1": [[1.57939072664, -0.306754949903], [-1.63550979545, 0.761837045827],
+                      [0.657031680582, -1.66737273933]],
+        "ddim-eta0-clip": [[0.494079449089, -0.5], [-0.5, 0.418163581596], [-0.499185971604, 0.5]],
+        "ddpm-clip": [[0.120429072283, 0.362488786434], [0.5, -0.486043554354], [0.450047308579, -0.48957470217]],
+    },
+    "cosine": {
+        "ddpm": [[1.19377610829, 0.0345975528848], [1.14495255473, -0.337813435151], [1.37712724186, -1.82617772327]],
+        "ddpm-beta": [[1.25087363826, 0.177793287205], [1.15648862591, -0.283088864451],
+                      [1.21197207591, -2.12408857743]],
+        "ddim-eta0": [[0.544974180293, -0.987730944464], [-1.36813457899, 0.641903042439],
+                      [-1.09552188409, 1.33843550572]],
+        "ddim-eta1": [[1.19377610829, 0.0345975528848], [1.14495255473, -0.337813435151],
+                      [1.37712724186, -1.82617772327]],
+        "ddim-eta0-clip": [[0.441576834214, -0.5], [-0.5, 0.458420899763], [-0.497905553132, 0.5]],
+        "ddpm-clip": [[-0.30101578334, 0.5], [0.5, -0.478401758869], [0.439400833507, -0.483838017327]],
+    },
+}
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_ddpm_ddim_outputs_are_pinned(name):
+    sched = LIN if name == "linear" else cosine_schedule(200)
+    gm = mixture(sched)
+    xT = noise((3, 2), gen(5), dtype=F64)
+    runs = {
+        "ddpm": sample_ddpm(gm.eps, xT, sched, 20, variance="ddpm", generator=gen(17)),
+        "ddpm-beta": sample_ddpm(gm.eps, xT, sched, 20, variance="ddpm-beta", generator=gen(17)),
+        "ddim-eta0": sample_ddim(gm.eps, xT, sched, 20, generator=gen(17)),
+        "ddim-eta1": sample_ddim(gm.eps, xT, sched, 20, eta=1.0, generator=gen(17)),
+        "ddim-eta0-clip": sample_ddim(gm.eps, xT, sched, 7, clip_x0=0.5, generator=gen(17)),
+        "ddpm-clip": sample_ddpm(gm.eps, 3 * xT, sched, 7, clip_x0=0.5, generator=gen(17)),
+    }
+    for key, x in runs.items():
+        assert torch.allclose(x, torch.tensor(PINNED[name][key], dtype=F64), rtol=0, atol=1e-10), key

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from condiff.errors import CondiffError
-from condiff.schedule import Schedule, cosine_schedule, linear_schedule, make_schedule, respace
+from condiff.schedule import SPACINGS, Schedule, cosine_schedule, linear_schedule, make_schedule, respace
 
 SCHEDULES = [linear_schedule(), cosine_schedule(), linear_schedule(50, 1e-3, 0.05), cosine_schedule(20)]
 
@@ -157,3 +157,65 @@ def test_respacing_keeps_the_marginals(s, steps):
     for z in (x, direct):
         assert float(z.mean()) == pytest.approx(2 * float(s.abar[t]), abs=5 * float(s.bbar[t]) / math.sqrt(2e4))
         assert float(z.var()) == pytest.approx(float(s.bbar[t]) ** 2, abs=5 * math.sqrt(2 / 2e4) * float(s.bbar[t]) ** 2)
+
+
+# --- step spacings (issue 15) ---------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(2, 400), spacing=st.sampled_from(SPACINGS), cosine=st.booleans(), data=st.data())
+def test_every_spacing_gives_k_distinct_decreasing_steps(T, spacing, cosine, data):
+    s = cosine_schedule(T) if cosine else linear_schedule(T)
+    K = data.draw(st.integers(1, T))
+    ts = respace(s, K, spacing)
+    assert len(ts) == K and all(a > b for a, b in zip(ts, ts[1:]))
+    assert 0 <= ts[-1] and ts[0] <= T - 1
+    if spacing in ("linspace", "trailing", "lambda", "karras"):
+        assert ts[0] == T - 1  # they start from the noisiest step
+    if spacing in ("linspace", "leading", "lambda", "karras") and K > 1:
+        assert ts[-1] == 0  # and end at the least noisy one before the clean image
+
+
+def test_leading_and_trailing_values():
+    s = linear_schedule(1000)
+    assert respace(s, 10, "leading") == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert respace(s, 10, "trailing") == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert respace(s, 3, "trailing") == [999, 666, 332]  # round(1000 - i * 1000/3) - 1
+    assert respace(s, 1, "leading") == [0] and respace(s, 1, "trailing") == [999]
+
+
+@pytest.mark.parametrize("spacing", ["lambda", "karras"])
+def test_continuous_spacings_hit_their_targets(spacing):
+    """Uniform in lambda_t = log(abar_t / bbar_t), or Karras' rho = 7 ramp in sigma_t = bbar_t / abar_t: each
+    kept step is the integer timestep nearest to its target (nearest in lambda = -log sigma)."""
+    s = linear_schedule(1000)
+    K = 12
+    ts = respace(s, K, spacing)
+    lam = s.lambdas
+    assert torch.allclose(lam, (s.abar / s.bbar).log()) and (lam[1:] < lam[:-1]).all()
+    lo, hi = float(lam[-1]), float(lam[0])
+    if spacing == "lambda":
+        targets = [lo + (hi - lo) * i / (K - 1) for i in range(K)]
+    else:
+        smax, smin = math.exp(-lo), math.exp(-hi)
+        targets = [-7 * math.log(smax ** (1 / 7) + i / (K - 1) * (smin ** (1 / 7) - smax ** (1 / 7))) for i in range(K)]
+    for t, target in zip(ts, targets):
+        best = float((lam - target).abs().min())
+        assert abs(float(lam[t]) - target) == pytest.approx(best, abs=1e-12)
+    gaps = [float(lam[b] - lam[a]) for a, b in zip(ts, ts[1:])]
+    if spacing == "lambda":  # uniform: every gap (hi - lo)/(K - 1) up to the snapping
+        assert max(abs(g - (hi - lo) / (K - 1)) for g in gaps) < 0.1 * (hi - lo) / (K - 1)
+
+
+def test_snapping_keeps_the_count_where_targets_collide():
+    """The cosine schedule's clipped last beta puts lambda_{T-1} far below lambda_{T-2}: uniform-lambda targets
+    crowd at t = T-1 and snap to the same step; the clash moves to the next free timestep."""
+    s = cosine_schedule(1000)
+    ts = respace(s, 30, "lambda")
+    assert len(ts) == 30 and ts[:3] == [999, 998, 997]
+
+
+def test_unknown_spacing_raises_and_lists_ignore_it():
+    s = linear_schedule(100)
+    with pytest.raises(CondiffError, match="unknown step spacing"):
+        respace(s, 10, "cosine")
+    assert respace(s, [0, 50, 99], "karras") == [99, 50, 0]

@@ -1,7 +1,7 @@
 """condiff: conditional control of diffusion models.
 
 Classifier guidance, similarity guidance and classifier-free guidance (Su Jianlin,
-"Generative diffusion models (9)"), on DDPM and DDIM samplers.  See
+"Generative diffusion models (9)"), on DDPM, DDIM, Euler, Heun, DPM-Solver++ and UniPC samplers.  See
 ``condiff.samplers``, ``condiff.guidance``, ``condiff.schedule``.
 """
 
@@ -9,13 +9,17 @@ __version__ = "0.1.0"
 
 from .errors import CondiffError, NonFiniteError  # noqa: E402
 from .schedule import Schedule, cosine_schedule, linear_schedule, respace  # noqa: E402
-from .samplers import sample, sample_ddim, sample_ddpm  # noqa: E402
+from .samplers import (  # noqa: E402
+    SAMPLERS, nfe, sample, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_dpmpp_2m_sde,
+    sample_euler, sample_euler_ancestral, sample_heun, sample_unipc,
+)
 from .guidance import (  # noqa: E402
     ClassifierFree, ClassifierTerm, GradientTerm, MeanShift, NullBranch, ScoreGuided, SimilarityTerm,
 )
 
 __all__ = [
     "CondiffError", "NonFiniteError", "Schedule", "cosine_schedule", "linear_schedule", "respace", "sample",
-    "sample_ddim", "sample_ddpm", "ClassifierFree", "ClassifierTerm", "GradientTerm", "MeanShift", "NullBranch",
-    "ScoreGuided", "SimilarityTerm",
+    "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde", "sample_unipc", "SAMPLERS", "nfe", "ClassifierFree", "ClassifierTerm", "GradientTerm",
+    "MeanShift", "NullBranch", "ScoreGuided", "SimilarityTerm",
 ]

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .errors import CondiffError
@@ -59,6 +60,11 @@ class Schedule:
     def bbar(self) -> torch.Tensor:
         """bbar_t = sqrt(1 - abar_t^2)."""
         return (1.0 - self.abar**2).sqrt()
+
+    @property
+    def lambdas(self) -> torch.Tensor:
+        """lambda_t = log(abar_t / bbar_t), the half log-SNR in which the DPM-Solver family steps (decreasing in t)."""
+        return self.abar.log() - self.bbar.log()
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -137,26 +143,33 @@ def make_schedule(name: str = "cosine", T: int = 1000, params: Sequence[float] =
 
 
 def respace(schedule: Schedule, steps: int | Sequence[int] | None = None, spacing: str = "linspace") -> list[int]:
-    """Timesteps a sampler visits, in decreasing order (from T-1 down to 0 when K > 1).
+    """Timesteps a sampler visits, in decreasing order; after the last one it steps to the clean image.
 
-    ``steps`` is either a count K (evenly spaced over [0, T-1], both ends included)
-    or an explicit list of timesteps.  A respaced chain keeps the marginals:
-    the sampler goes from t to the next kept s with alpha_{t|s} = abar_t / abar_s.
+    ``steps`` is either a count K or an explicit list of timesteps (then ``spacing`` is not used).
+    A count is placed by ``spacing`` (one of :data:`SPACINGS`):
+
+    * ``"linspace"``: evenly over [0, T-1], both ends included (condiff's default);
+    * ``"leading"``: t = i * (T // K), i = 0..K-1 (diffusers' leading spacing, steps_offset 0);
+    * ``"trailing"``: t = round(T - i * T / K) - 1 (diffusers' trailing spacing, numpy.arange's float
+      steps included; starts at T-1);
+    * ``"lambda"``: uniform in lambda_t = log(abar_t / bbar_t) from lambda_{T-1} to lambda_0 (DPM-Solver);
+    * ``"karras"``: Karras et al.'s sigma_i = (smax^(1/7) + i/(K-1) (smin^(1/7) - smax^(1/7)))^7 in
+      sigma_t = bbar_t / abar_t, from sigma_{T-1} down to sigma_0.
+
+    The last two are continuous; each value is snapped to the nearest integer timestep (nearest in lambda
+    = -log sigma), and collisions are pushed to the next free timestep, so K distinct steps come out.
+    A respaced chain keeps the marginals: the sampler goes from t to the next kept s with
+    alpha_{t|s} = abar_t / abar_s.
     """
     T = schedule.T
     if spacing not in SPACINGS:
         raise CondiffError(f"unknown step spacing {spacing!r} (choose {', '.join(SPACINGS)})")
-    if spacing != "linspace":  # INTERFACE STUB: the solvers work implements the other spacings
-        raise CondiffError(f"step spacing {spacing!r} is not implemented yet")
     if steps is None:
         steps = T
     if isinstance(steps, int) and not isinstance(steps, bool):
         if steps < 1 or steps > T:
             raise CondiffError(f"steps must be between 1 and T={T}, got {steps}")
-        if steps == 1:
-            return [T - 1]
-        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().tolist()
-        return sorted(set(ts), reverse=True)
+        return _spaced(schedule, steps, spacing)
     ts = [int(s) for s in steps]
     if not ts:
         raise CondiffError("the list of timesteps is empty")
@@ -165,6 +178,42 @@ def respace(schedule: Schedule, steps: int | Sequence[int] | None = None, spacin
     if len(set(ts)) != len(ts):
         raise CondiffError("timesteps must not repeat")
     return sorted(ts, reverse=True)
+
+
+def _spaced(schedule: Schedule, K: int, spacing: str) -> list[int]:
+    """K distinct decreasing timesteps placed by ``spacing`` (see :func:`respace`)."""
+    T = schedule.T
+    if spacing == "leading":
+        return [i * (T // K) for i in range(K - 1, -1, -1)]
+    if spacing == "trailing":
+        # numpy's arange, as diffusers computes it: its float steps decide the ties of the rounding
+        return _distinct([int(v) - 1 for v in np.arange(T, 0, -T / K).round()[:K]], T)
+    if K == 1:
+        return [T - 1]
+    if spacing == "linspace":
+        ts = torch.linspace(0, T - 1, K, dtype=torch.float64).round().long().tolist()
+        return sorted(set(ts), reverse=True)
+    lam = schedule.lambdas  # decreasing in t
+    lo, hi = float(lam[-1]), float(lam[0])
+    if spacing == "lambda":
+        targets = torch.linspace(lo, hi, K, dtype=torch.float64)
+    else:  # karras, rho = 7, in sigma = bbar / abar = exp(-lambda)
+        rho = 7.0
+        smax, smin = math.exp(-lo), math.exp(-hi)
+        ramp = torch.linspace(0, 1, K, dtype=torch.float64)
+        sig = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+        targets = -sig.log()
+    nearest = (targets[:, None] - lam[None, :]).abs().argmin(1).tolist()
+    return _distinct(nearest, T)
+
+
+def _distinct(ts: list[int], T: int) -> list[int]:
+    """Make a non-increasing list strictly decreasing inside [0, T-1], moving each clash to the next free step."""
+    K, out = len(ts), []
+    for i, t in enumerate(ts):
+        hi = out[-1] - 1 if out else T - 1
+        out.append(min(max(int(t), K - 1 - i), hi))
+    return out
 
 
 def _check_T(T: int) -> None:
