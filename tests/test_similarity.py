@@ -159,7 +159,7 @@ def test_scale_zero_equals_unguided_sampling_exactly(image_encoder, data, model)
     enc = image_encoder[0]
     zero = [ImageSimilarity.from_encoder(enc, reference(data, 1), 0.0),
             StyleSimilarity.from_encoder(enc, reference(data, 0), 0.0, S),
-            SimilarityTerm(lambda x, t: x.flatten(1).sum(1), 0.0)]
+            SimilarityTerm(lambda x, t, cond: x.flatten(1).sum(1), 0.0)]
     assert torch.equal(ddim(model, zero), ddim(model))
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     a = sample_ddpm(model, x_T(), S, 20, generator=g1, mean_shift=MeanShift(zero))
@@ -223,7 +223,7 @@ def test_image_prior_defaults_on_for_encoders_with_prototypes(image_encoder, dat
 
 def test_user_defined_similarity_is_a_guidance_term(model, gm, data):
     target = reference(data, 0)
-    sim = lambda x, t: -(x - target).pow(2).flatten(1).sum(1)  # noqa: E731
+    sim = lambda x, t, cond: -(x - target).pow(2).flatten(1).sum(1)  # noqa: E731
     term = SimilarityTerm(sim, scale=0.5)
     x, t = x_T(6, 4), torch.full((4,), 10)
     assert torch.allclose(term.grad(x, t), -2 * 0.5 * (x - target), atol=1e-6)  # analytic gradient
@@ -235,7 +235,7 @@ def test_user_defined_similarity_is_a_guidance_term(model, gm, data):
 
 def test_a_sim_with_the_wrong_shape_is_a_one_line_error():
     with pytest.raises(CondiffError, match=r"shape \(4,\)"):
-        SimilarityTerm(lambda x, t: x.sum(), 1.0).grad(x_T(0, 4), torch.full((4,), 3))
+        SimilarityTerm(lambda x, t, cond: x.sum(), 1.0).grad(x_T(0, 4), torch.full((4,), 3))
 
 
 # ----------------------------------------------------------------------------- effects on samples
