@@ -377,7 +377,8 @@ def similarity_guidance(shape, schedule: Schedule, device="cpu", *, text: str | 
         te = load_text_encoder(device)
         if te.dim != enc.text_dim:
             raise CondiffError(f"the encoder expects {enc.text_dim}-d text embeddings, the text encoder gives {te.dim}-d")
-        terms.append(TextSimilarity(lambda x, t: enc(x, t, "text"), None, scale("text", text_scale)))
+        side = lambda x, t, enc=enc: enc(x, t, "text")  # noqa: E731 (bound now: enc is rebound below)
+        terms.append(TextSimilarity(side, None, scale("text", text_scale)))
         cond["text"] = text_target(enc, te.encode(text), text_prior).reshape(1, -1)
     if image is not None or image_index is not None:
         if not image_encoder:
