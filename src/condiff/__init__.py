@@ -1,7 +1,8 @@
 """condiff: conditional control of diffusion models.
 
 Classifier guidance, similarity guidance and classifier-free guidance (Su Jianlin,
-"Generative diffusion models (9)"), on DDPM and DDIM samplers.  See
+"Generative diffusion models (9)"), on every solver of ``condiff.samplers``.  See
+``condiff.compose`` (Guidance, Sampling, compose: the one composition path),
 ``condiff.samplers``, ``condiff.guidance``, ``condiff.schedule``.
 """
 
@@ -13,9 +14,10 @@ from .samplers import sample, sample_ddim, sample_ddpm  # noqa: E402
 from .guidance import (  # noqa: E402
     ClassifierFree, ClassifierTerm, GradientTerm, MeanShift, NullBranch, ScoreGuided, SimilarityTerm,
 )
+from .compose import Guidance, Sampling, compose  # noqa: E402
 
 __all__ = [
     "CondiffError", "NonFiniteError", "Schedule", "cosine_schedule", "linear_schedule", "respace", "sample",
     "sample_ddim", "sample_ddpm", "ClassifierFree", "ClassifierTerm", "GradientTerm", "MeanShift", "NullBranch",
-    "ScoreGuided", "SimilarityTerm",
+    "ScoreGuided", "SimilarityTerm", "Guidance", "Sampling", "compose",
 ]
