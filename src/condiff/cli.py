@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -408,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .similarity.commands import add_similarity_sample_args, add_train_encoder_parser
 
-    from .compose import DEFAULT_STEPS
+    from .compose import DEFAULT_CLIP_X0, DEFAULT_STEPS
     from .demo import DemoConfig
 
     parser = OneLineParser(
@@ -488,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unconditional", action="store_true",
                    help="sample the null branch of a conditional model (the unconditional model)")
     _add_sampler_args(p, DEFAULT_STEPS)
-    p.add_argument("--clip-x0", type=nonneg_float, default=1.0,
-                   help="clamp the predicted x_0 to [-C, C] at every step (default 1, the data range; 0 = off)")
+    p.add_argument("--clip-x0", type=nonneg_float, default=DEFAULT_CLIP_X0,
+                   help=f"clamp the predicted x_0 to [-C, C] at every step (default {DEFAULT_CLIP_X0:g}, the data "
+                        "range; 0 = off)")
     p.add_argument("--batch-size", type=_pos_int, default=256,
                    help="images per batch; under torchrun whole batches are split across processes (default 256)")
     p.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
@@ -550,6 +552,12 @@ def _reject_swallowed_values(parser: argparse.ArgumentParser, args) -> None:
             sub.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
 
 
+def _one_line_warning(command: str):
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"condiff {command}: warning: {one_line(message)}", file=file or sys.stderr)
+    return show
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -561,7 +569,9 @@ def main(argv=None) -> int:
         from .distributed import launch
 
         # under torchrun: one process group around the command (NCCL on CUDA, gloo on CPU)
-        with launch(getattr(args, "device", "cpu"), args.command, getattr(args, "distributed", False)):
+        with launch(getattr(args, "device", "cpu"), args.command, getattr(args, "distributed", False)), \
+                warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)  # library warnings: one line each
             return args.func(args)
     except CondiffError as e:
         print(f"condiff {args.command}: error: {one_line(e)}", file=sys.stderr)

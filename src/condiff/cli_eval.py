@@ -181,7 +181,9 @@ def register(sub, helpers) -> None:
     p.add_argument("--judge", default=None, help="judge checkpoint (default: $CONDIFF_JUDGE, else the shipped one)")
     p.add_argument("--data", default=None, help="real data for the reference statistics (default: the judge's)")
     p.add_argument("--out", required=True, help="output folder")
-    helpers.add_sampler_args(p, 50)
+    from .compose import DEFAULT_STEPS
+
+    helpers.add_sampler_args(p, DEFAULT_STEPS)
     p.add_argument("--batch-size", type=pos_int, default=250, help="images per sampling batch (default 250)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     common(p)

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from .checkpoints import atomic_write_text
-from .compose import Guidance, Sampling, compose, saturation_warning, solver_options
+from .compose import (DEFAULT_SAMPLER, DEFAULT_SPACING, Guidance, Sampling, compose, saturation_warning,
+                      solver_options)
 from .guidance import ClassifierTerm
 from .images import save_grid
 from .pipeline import generate, load_classifier, load_diffusion
@@ -45,8 +46,8 @@ class DemoConfig:
     style: str | Path | None = None  # style image; default: the shipped striped pullover
     style_classes: tuple[int, ...] = (0, 2, 3)  # CFG rows that the style is applied to
     sim_eta: float = 1.0  # a stochastic sampler steers better with gradient guidance (docs/similarity.md)
-    sampler: str = "ddim"  # the solver of every grid; the similarity grids add eta = sim_eta when it takes eta
-    spacing: str = "linspace"
+    sampler: str = DEFAULT_SAMPLER  # the solver of every grid; the similarity grids add eta = sim_eta when it takes eta
+    spacing: str = DEFAULT_SPACING
     threshold: float | None = None
     log: Callable[[str], None] | None = None  # warnings (saturated grids) go here
     extra_sections: list[Callable] = field(default_factory=list)

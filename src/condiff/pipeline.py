@@ -118,7 +118,8 @@ def generate(model, schedule: Schedule, n: int, *, shape: Sequence[int], cond=No
         except TypeError as e:  # a contract option this solver does not implement yet (threshold, spacing)
             if "unexpected keyword argument" not in str(e):
                 raise
-            raise CondiffError(f"sampler {sampler}: {str(e).split('got ')[-1]} is not supported yet") from None
+            name = str(e).rsplit("argument", 1)[-1].strip(" '")
+            raise CondiffError(f"sampler {sampler} does not support {name} yet") from None
         out.append(x.cpu())
     return torch.cat(out)
 
