@@ -174,19 +174,6 @@ class GradientTerm:
         return {"name": self.name, "scale": self.scale, "key": self.key}
 
 
-def _rows(value, x: torch.Tensor, what: str) -> torch.Tensor:
-    """A target broadcast to the batch of ``x``: a scalar or one row repeats; B rows stay."""
-    if value is None:
-        raise CondiffError(f"{what}: no target (give one, or put it in the batch condition)")
-    v = torch.as_tensor(value, device=x.device)
-    if v.dim() == 0 or v.shape[0] == 1:
-        return v.expand(x.shape[0], *v.shape[1:]) if v.dim() else v.expand(x.shape[0])
-    if v.shape[0] != x.shape[0]:
-        raise CondiffError(f"{what}: {v.shape[0]} targets for a batch of {x.shape[0]}; "
-                           "pass per-row targets in the batch condition")
-    return v
-
-
 class ClassifierTerm(GradientTerm):
     """Classifier guidance: gamma * grad log p(y | x_t) (eqs 6-8).
 
@@ -211,7 +198,9 @@ class ClassifierTerm(GradientTerm):
 
     def _targets(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         y = self.y if self.y is not None else cond_entry(cond, self.key)
-        return _rows(y, x, "classifier guidance").long()
+        if y is None:
+            raise CondiffError("classifier guidance: no target class (give y, or put cond['y'] in the batch)")
+        return _rows_of(y, x.shape[0], "the classifier's target").to(x.device).long()
 
     def objective(self, x, t, cond=None):
         logits = self.classifier(x, t)
