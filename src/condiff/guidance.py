@@ -137,13 +137,18 @@ def slice_cond(cond, lo: int, hi: int, device=None):
 
 
 class Conditioned:
-    """A model called with the network part of a batch condition: ``model(x_t, t, cond["y"])``."""
+    """A model called with the network part of a batch condition: ``model(x_t, t, cond["y"])``.
+
+    A model that says it is unconditional (``model.conditional`` False) gets None: the
+    classes in ``cond`` are then for the gradient terms (a classifier) alone.
+    """
 
     def __init__(self, model):
         self.model = model
+        self.uses_cond = getattr(model, "conditional", True) is not False
 
     def __call__(self, x, t, cond=None):
-        return self.model(x, t, network_cond(cond))
+        return self.model(x, t, network_cond(cond) if self.uses_cond else None)
 
 
 class GradientTerm:
