@@ -153,3 +153,20 @@ def test_absurd_scales_warn_that_the_images_saturated():
     images[2].uniform_(-1, 1)
     assert saturated_images(images) == 2 and "2 of 3 images" in saturation_warning(images)
     assert saturation_warning(images[2:]) is None
+
+
+def test_an_unconditional_network_never_sees_the_classes_meant_for_its_classifier():
+    seen = []
+
+    class Unconditional:
+        conditional = False
+
+        def __call__(self, x, t, cond=None):
+            seen.append(cond)
+            return GM.eps(x, t)
+
+    term = ClassifierTerm(GM.classifier, None, 1.0)
+    eps, _ = compose(Unconditional(), S, Guidance(terms=[term]))
+    x, t, y = xt(), torch.full((8,), 50), torch.arange(8) % 3
+    by_hand = ScoreGuided(GM.eps, S, ClassifierTerm(GM.classifier, y, 1.0))(x, t)
+    assert torch.equal(eps(x, t, {"y": y}), by_hand) and seen == [None]
