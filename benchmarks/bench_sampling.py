@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from condiff.checkpoints import load_model  # noqa: E402
-from condiff.guidance import ClassifierFree, ClassifierTerm, NullBranch, ScoreGuided, scaled_grad  # noqa: E402
+from condiff.compose import Guidance, compose  # noqa: E402
+from condiff.guidance import ClassifierTerm, NullBranch, scaled_grad  # noqa: E402
 from condiff.nets import EncoderNet, UNet  # noqa: E402
 from condiff.samplers import noise, sample  # noqa: E402
 from condiff.schedule import Schedule, cosine_schedule  # noqa: E402
@@ -313,11 +314,11 @@ def main(argv=None) -> int:
     with torch.no_grad():
         model_fwd2 = _time(lambda: model(torch.cat([x_T, x_T]), torch.cat([t_b, t_b]), torch.cat([y, y])), repeat)
 
-    clf_terms = [ClassifierTerm(clf, y, 2.0)]
-    configs = [("none", NullBranch(tm), None, [tm]),
-               ("classifier (eq 19)", ScoreGuided(NullBranch(tm), schedule, clf_terms), None,
-                [tm] + _time_terms(clf_terms)),
-               ("CFG (eq 24)", ClassifierFree(tm, 2.0), y, [tm])]
+    clf_terms = [ClassifierTerm(clf, None, 2.0)]  # each row's class: cond["y"]
+    configs = [("none", compose(tm, schedule, Guidance(unconditional=True)).model, None, [tm]),
+               ("classifier (eq 19)", compose(tm, schedule, Guidance(unconditional=True, terms=clf_terms)).model,
+                {"y": y}, [tm] + _time_terms(clf_terms)),
+               ("CFG (eq 24)", compose(tm, schedule, Guidance(cfg_w=2.0)).model, {"y": y}, [tm])]
     builder, ctx = _text_method(tm, schedule, dict(args.text_option))
     text_note = ""
     if builder is not None:
@@ -327,9 +328,9 @@ def main(argv=None) -> int:
             timed_enc = Timed(enc)
             timed_enc.label = "text encoder fwd+bwd"
             ctx.cache["text"] = (timed_enc, emb)
-            eps_t, cond_t, terms_t = builder(ctx, 1.0, y)
-            configs.append(("text (eqs 11-15)", ScoreGuided(eps_t, schedule, terms_t), cond_t,
-                            [tm, timed_enc] + _time_terms(terms_t)))
+            guidance_t, cond_t = builder(ctx, 1.0, y)  # per-row prompt targets: cond_t["text"]
+            configs.append(("text (eqs 11-15)", compose(tm, schedule, guidance_t).model, cond_t,
+                            [tm, timed_enc] + _time_terms(guidance_t.terms)))
         except Exception as e:  # noqa: BLE001
             text_note = f"Text guidance not measured: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     else:

@@ -32,11 +32,11 @@ from condiff.checkpoints import load_model
 from condiff.data import load_dataset, resolve_class
 from condiff.errors import CondiffError
 from condiff.images import save_grid
-from condiff.pipeline import generate, guided_model, load_diffusion, resolve_device
+from condiff.compose import Guidance, compose
+from condiff.pipeline import generate, load_diffusion, resolve_device
 from condiff.similarity import ImageSimilarity, TextSimilarity, load_encoder
 from condiff.similarity.captions import FRESH_PROMPTS, HELD_OUT_PROMPTS
-from condiff.similarity.commands import DEFAULT_SCALES
-from condiff.similarity.terms import DEFAULT_IMAGE_PRIOR, text_target
+from condiff.similarity.terms import DEFAULT_IMAGE_PRIOR, DEFAULT_SCALES, text_target
 from condiff.similarity.text import load_text_encoder
 
 
@@ -75,10 +75,10 @@ def zero_shot(enc, te, schedule, names, device, prior, n: int = 1000, ts=(0, 200
 def sampler(model, schedule, shape, args, device):
     conditional = getattr(model, "conditional", False)
 
-    def run(terms, n, start=0):
-        eps, _ = guided_model(model, schedule, unconditional=conditional, terms=terms)
+    def run(terms, n, start=0, cond=None):
+        eps, _ = compose(model, schedule, Guidance(unconditional=conditional, terms=terms))
         with torch.no_grad():
-            return generate(eps, schedule, n, shape=shape, steps=args.steps, eta=args.eta, seed=args.seed,
+            return generate(eps, schedule, n, shape=shape, cond=cond, steps=args.steps, eta=args.eta, seed=args.seed,
                             batch_size=args.batch_size, device=device, clip_x0=args.clip_x0, start=start)
     return run
 
@@ -185,7 +185,8 @@ def main(argv=None) -> int:
                 t0, preds, cos = time.time(), [], []
                 for lo in range(0, len(refs), args.batch_size):  # a batch of samples, each its own reference
                     ref = refs[lo:lo + args.batch_size]
-                    x = run([ImageSimilarity.from_encoder(enc, ref, scale, prior=prior)], len(ref), start=lo)
+                    term = ImageSimilarity.from_encoder(enc, None, scale, prior=prior)  # targets: cond["image"]
+                    x = run([term], len(ref), start=lo, cond={"image": term.targets(ref.to(device))})
                     preds.append(judge(x))
                     with torch.no_grad():
                         z = torch.nn.functional.normalize(enc(x.to(device), None, "e2"), dim=-1).cpu()

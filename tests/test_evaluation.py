@@ -17,6 +17,7 @@ from condiff.metrics import fid_from_features
 from condiff.nets import EncoderNet, JudgeNet, UNet
 from condiff.pipeline import generate, load_diffusion
 from condiff.schedule import cosine_schedule
+from condiff.compose import Sampling
 from condiff.sweep import METHODS, SweepContext, run_sweep, sweep_labels
 from condiff.training import ClassifierTask, DiffusionTask, TrainConfig, train
 from helpers import assert_one_line_error, run_cli, shapes_dataset, write_npz
@@ -132,7 +133,7 @@ def test_sweep_writes_every_promised_file_with_the_right_contents(tiny, tmp_path
     model, schedule, config = load_diffusion(tiny / "model")
     ctx = SweepContext(model, schedule, (1, 8, 8), NAMES, "cpu", {})
     out = tmp_path / "sweep"
-    result = run_sweep(ctx, "cfg", [0, 1.5, 3], 12, out, _evaluator(tiny), steps=4, batch_size=5, seed=3)
+    result = run_sweep(ctx, "cfg", [0, 1.5, 3], 12, out, _evaluator(tiny), sampling=Sampling(steps=4), batch_size=5, seed=3)
     scales = [0, 1.5, 3]
     assert [r["scale"] for r in result["rows"]] == scales
     for s in ("0", "1.5", "3"):
@@ -168,10 +169,10 @@ def test_sweep_writes_every_promised_file_with_the_right_contents(tiny, tmp_path
 
     # a rerun with the same settings reuses the samples; other settings resample
     before = (out / "samples-scale-3.npz").stat().st_mtime_ns
-    again = run_sweep(ctx, "cfg", [3], 12, out, _evaluator(tiny), steps=4, batch_size=5, seed=3)
+    again = run_sweep(ctx, "cfg", [3], 12, out, _evaluator(tiny), sampling=Sampling(steps=4), batch_size=5, seed=3)
     assert (out / "samples-scale-3.npz").stat().st_mtime_ns == before
     assert again["rows"][0]["fid_fm"] == pytest.approx(result["rows"][2]["fid_fm"])
-    run_sweep(ctx, "cfg", [3], 12, out, _evaluator(tiny), steps=4, batch_size=5, seed=4)
+    run_sweep(ctx, "cfg", [3], 12, out, _evaluator(tiny), sampling=Sampling(steps=4), batch_size=5, seed=4)
     assert (out / "samples-scale-3.npz").stat().st_mtime_ns != before
 
 
@@ -179,7 +180,7 @@ def test_sweep_methods_are_pluggable_and_classifier_gamma_zero_is_unguided(tiny,
     model, schedule, _ = load_diffusion(tiny / "model")
     ctx = SweepContext(model, schedule, (1, 8, 8), NAMES, "cpu", {"classifier": str(tiny / "clf")})
     ev = _evaluator(tiny)
-    run_sweep(ctx, "classifier", [0, 5], 8, tmp_path / "clf", ev, steps=3, seed=1)
+    run_sweep(ctx, "classifier", [0, 5], 8, tmp_path / "clf", ev, sampling=Sampling(steps=3), seed=1)
     x0 = read_samples(tmp_path / "clf" / "samples-scale-0.npz")[0]
     null = generate(lambda x, t, c: model(x, t, model.null_cond(x.shape[0])), schedule, 8, shape=(1, 8, 8),
                     steps=3, seed=1, batch_size=250)
@@ -188,13 +189,13 @@ def test_sweep_methods_are_pluggable_and_classifier_gamma_zero_is_unguided(tiny,
 
     seen = []
 
-    def text_like(ctx, scale, labels):  # what similarity guidance plugs in: (model, cond, terms)
+    def text_like(ctx, scale, labels):  # what similarity guidance plugs in: (guidance, per-row cond)
         seen.append((scale, labels.tolist()))
         return METHODS["cfg"](ctx, scale, labels)
 
     monkeypatch.setitem(METHODS, "text", text_like)
-    run_sweep(ctx, "text", [2], 8, tmp_path / "text", ev, steps=3, batch_size=4)
-    assert seen == [(2, [0, 1, 0, 1]), (2, [0, 1, 0, 1])]
+    run_sweep(ctx, "text", [2], 8, tmp_path / "text", ev, sampling=Sampling(steps=3), batch_size=4)
+    assert seen == [(2, [0]), (2, [0, 1, 0, 1, 0, 1, 0, 1])]  # a check before any output, then every row at once
     assert (tmp_path / "text" / "results.md").read_text().startswith("# Guidance sweep: method `text`")
 
 

@@ -289,7 +289,7 @@ def test_sharpened_classifier_gradient_eq_10(gamma):
 def test_mean_shift_gradient_location():
     """at='x_t' differentiates at x_t (eq 6), at='mu' at mu(x_t) (eq 7)."""
     c = torch.tensor([1.0, -2.0], dtype=F64)
-    term = GradientTerm(lambda x, t: -0.5 * ((x - c) ** 2).sum(1), scale=3.0)  # grad = 3 (c - x)
+    term = GradientTerm(lambda x, t, cond: -0.5 * ((x - c) ** 2).sum(1), scale=3.0)  # grad = 3 (c - x)
     x_t, mu = torch.randn(8, 2, generator=gen(0), dtype=F64), torch.randn(8, 2, generator=gen(1), dtype=F64)
     t = torch.full((8,), 10)
     assert torch.allclose(MeanShift(term)(x_t, t, mu), 3 * (c - x_t))
@@ -298,7 +298,7 @@ def test_mean_shift_gradient_location():
     with pytest.raises(CondiffError):
         MeanShift(term, at="x0")
     with pytest.raises(CondiffError):
-        GradientTerm(lambda x, t: x.sum(1), scale=-1.0)
+        GradientTerm(lambda x, t, cond: x.sum(1), scale=-1.0)
 
 
 # --- scaled_grad: the one gradient helper --------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_scaled_grad_per_sample_no_parameter_grads_and_no_grad_mode():
     x = torch.randn(16, 2, generator=gen(0), dtype=F64)
     t = torch.randint(0, 1000, (16,), generator=gen(1))
     y = torch.arange(16) % 3
-    fn = lambda x, t: torch.log_softmax(net(x, t), -1).gather(1, y[:, None])[:, 0]  # noqa: E731
+    fn = lambda x, t, cond=None: torch.log_softmax(net(x, t), -1).gather(1, y[:, None])[:, 0]  # noqa: E731
     g = scaled_grad(fn, x, t, 2.5)
     assert all(p.grad is None for p in net.parameters())
     assert not g.requires_grad and not x.requires_grad
@@ -341,7 +341,7 @@ def test_scaled_grad_per_sample_no_parameter_grads_and_no_grad_mode():
         assert torch.allclose(term.grad(x, t), g, rtol=1e-5, atol=1e-6)
     assert all(p.grad is None for p in net.parameters())
     with pytest.raises(CondiffError):
-        scaled_grad(lambda x, t: x, x, t)  # an objective must be one number per sample
+        scaled_grad(lambda x, t, cond: x, x, t)  # an objective must be one number per sample
 
 
 def test_guided_sampling_leaves_no_parameter_grads():

@@ -338,6 +338,32 @@ CASES = [  # (argv, what the one-line error must say)
      "non-finite sample at step 0 (t=99)"),
     (SAMPLE + ["--classifier", "CLF", "--class", "top", "--scale", "1e300", "--form", "mean", "--sampler", "ddpm"],
      "non-finite sample at step 0 (t=99)"),
+    # issue 19 item 6: flags that did nothing are one-line errors
+    (SAMPLE + ["--sharpen"], "--sharpen applies to classifier guidance"),
+    (SAMPLE + ["--scale", "2"], "--scale applies to classifier guidance"),
+    (SAMPLE + ["--classifier", "CLF", "--class", "top", "--grad-at", "mu"], "applies to the mean form"),
+    (SAMPLE + ["--sampler", "ddpm", "--eta", "0.5"], "sampler ddpm does not take eta"),
+    (SAMPLE + ["--variance", "ddpm-beta"], "sampler ddim does not take variance"),
+    (SAMPLE + ["--cfg-interval", "1,5"], "--cfg-interval applies to classifier-free guidance"),
+    (SAMPLE + ["--cfg-rescale", "0.5"], "--cfg-rescale applies to classifier-free guidance"),
+    (SAMPLE + ["--class", "top", "--cfg-w", "1", "--cfg-interval", "90,200"], "0 <= lo <= hi <= 99"),
+    (SAMPLE + ["--class", "top", "--unconditional"], "ignores the class"),
+    (SAMPLE + ["--npz", "NEW"], "--npz and --out name the same file"),
+    (SAMPLE + ["--eta", "3"], "argument --eta"),
+    (SAMPLE + ["--classifier", "CLF", "--class", "top", "--form", "mean"], "needs sigma_t > 0"),
+    (SAMPLE + ["--bogus"], "unrecognized arguments: --bogus"),
+    (["sweep", "--ckpt", "MODEL", "--method", "cfg", "--judge", "JUDGE", "--data", "NPZ", "--out", "NEWRUN",
+      "--option", "bogus=1"], "method cfg has no option bogus"),
+    (["sweep", "--ckpt", "MODEL", "--method", "cfg", "--judge", "JUDGE", "--data", "NPZ", "--out", "NEWRUN",
+      "--form", "mean"], "--form applies to gradient guidance"),
+    # issue 19 item 7: sweep and demo check everything before they make their output folder
+    (["sweep", "--ckpt", "MODEL", "--method", "cfg", "--judge", "JUDGE", "--data", "NPZ", "--out", "NEWRUN",
+      "--steps", "5000"], "steps must be between 1 and T=100"),
+    (["sweep", "--ckpt", "MODEL", "--method", "cfg", "--judge", "JUDGE", "--data", "NPZ", "--out", "NEWRUN",
+      "--n", "3"], "too small"),
+    (["sweep", "--ckpt", "MODEL", "--method", "classifier", "--judge", "JUDGE", "--data", "NPZ", "--out", "NEWRUN",
+      "--n", "20", "--no-progress"], "needs a noise-aware classifier"),
+    (["demo", "--ckpt", "MODEL", "--out", "NEWRUN", "--steps", "5000"], "steps must be between 1 and T=100"),
     (["train", *TRAIN, "--data", "EMPTYDIR"], "no class subfolders"),
     (["train", *TRAIN, "--data", "EMPTYCLASSES"], "no images found"),
     (["train", *TRAIN, "--data", "CORRUPTFOLDER"], "not a readable image"),
@@ -397,6 +423,31 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(world, tmp_path, monkey
     assert needle in lines[-1], err
     assert not any(fresh.rglob("*")), list(fresh.rglob("*"))  # no partial output, not even a folder
     record_property("bad_inputs", 1)
+
+
+def test_usage_errors_are_one_line_and_help_keeps_the_usage(capsys):
+    """Issue 19 item 7: argparse's usage block only for --help; a usage error is one line."""
+    rc, out, err = run_cli_inprocess(["sample", "--steps", "x"])
+    assert rc == 2 and err == "condiff sample: error: argument --steps: expected an integer, got 'x'\n", err
+    rc, out, err = run_cli_inprocess(["nope"])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "usage" not in err, err
+    rc, out, err = run_cli_inprocess(["sample", "--help"])
+    assert rc == 0 and out.startswith("usage: condiff sample")
+    from condiff.samplers import SAMPLERS
+    from condiff.schedule import SPACINGS
+
+    flat = " ".join(out.split())
+    assert all(name in flat for name in (*SAMPLERS, *SPACINGS)) and "stochastic" in flat and "--threshold" in flat
+
+
+def test_absurd_scales_warn_on_one_line(world, tmp_path):
+    """Issue 19 item 8: a scale that saturates the images still writes them, with a one-line warning."""
+    rc, out, err = run_cli_inprocess(["sample", "--ckpt", world["MODEL"], "--classifier", world["CLF"], "--class", "top",
+                                      "--scale", "1e30", "--n", "4", "--steps", "3", "--no-progress",
+                                      "--out", tmp_path / "x.png"])
+    assert rc == 0 and (tmp_path / "x.png").is_file(), err
+    warning = [ln for ln in err.splitlines() if "warning" in ln]
+    assert warning and "condiff sample: warning: 4 of 4 images are saturated" in warning[-1], err
 
 
 def test_mixed_image_sizes_and_modes_are_resized_and_train(world, tmp_path):

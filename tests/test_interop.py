@@ -170,7 +170,7 @@ def test_similarity_guidance_works_on_the_diffusers_model(ddpm):
     model, schedule, _ = load_diffusers(root)
     target = -torch.ones(1, 1, 8, 8)
     target[..., :4, :] = 1  # top half bright
-    cos = lambda x, t: torch.nn.functional.cosine_similarity(x.flatten(1), target.flatten(1))  # noqa: E731
+    cos = lambda x, t, cond=None: torch.nn.functional.cosine_similarity(x.flatten(1), target.flatten(1))  # noqa: E731
     plain = generate(model, schedule, 6, shape=(1, 8, 8), steps=10, seed=4)
     guided = generate(ScoreGuided(model, schedule, SimilarityTerm(cos, scale=200.0)), schedule, 6, shape=(1, 8, 8),
                       steps=10, seed=4)

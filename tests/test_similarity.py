@@ -159,7 +159,7 @@ def test_scale_zero_equals_unguided_sampling_exactly(image_encoder, data, model)
     enc = image_encoder[0]
     zero = [ImageSimilarity.from_encoder(enc, reference(data, 1), 0.0),
             StyleSimilarity.from_encoder(enc, reference(data, 0), 0.0, S),
-            SimilarityTerm(lambda x, t: x.flatten(1).sum(1), 0.0)]
+            SimilarityTerm(lambda x, t, cond: x.flatten(1).sum(1), 0.0)]
     assert torch.equal(ddim(model, zero), ddim(model))
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     a = sample_ddpm(model, x_T(), S, 20, generator=g1, mean_shift=MeanShift(zero))
@@ -223,7 +223,7 @@ def test_image_prior_defaults_on_for_encoders_with_prototypes(image_encoder, dat
 
 def test_user_defined_similarity_is_a_guidance_term(model, gm, data):
     target = reference(data, 0)
-    sim = lambda x, t: -(x - target).pow(2).flatten(1).sum(1)  # noqa: E731
+    sim = lambda x, t, cond: -(x - target).pow(2).flatten(1).sum(1)  # noqa: E731
     term = SimilarityTerm(sim, scale=0.5)
     x, t = x_T(6, 4), torch.full((4,), 10)
     assert torch.allclose(term.grad(x, t), -2 * 0.5 * (x - target), atol=1e-6)  # analytic gradient
@@ -235,7 +235,7 @@ def test_user_defined_similarity_is_a_guidance_term(model, gm, data):
 
 def test_a_sim_with_the_wrong_shape_is_a_one_line_error():
     with pytest.raises(CondiffError, match=r"shape \(4,\)"):
-        SimilarityTerm(lambda x, t: x.sum(), 1.0).grad(x_T(0, 4), torch.full((4,), 3))
+        SimilarityTerm(lambda x, t, cond: x.sum(), 1.0).grad(x_T(0, 4), torch.full((4,), 3))
 
 
 # ----------------------------------------------------------------------------- effects on samples
@@ -574,25 +574,34 @@ def test_sweep_methods_text_and_image(cli_files, data, text_encoder, model):
                        options={"image_encoder": str(cli_files["IMG"]), "ref_data": str(cli_files["NPZ"]),
                                 "ref1": "7", "text_encoder": str(cli_files["TXT"]), "prompt0": "long pants"})
     labels = torch.tensor([1, 0, 1])
-    eps, cond, terms = get_method("image")(ctx, 2.5, labels)
+    guidance, cond = get_method("image")(ctx, 2.5, labels)  # per-row targets travel in cond["image"]
     enc, _ = load_encoder(cli_files["IMG"], "image")
     stored = load_dataset(cli_files["NPZ"])  # the references as the .npz stores them (uint8)
     with torch.no_grad():
         refs = enc(torch.stack([reference(stored, 0), stored.images[7]]), None, "e2")
-    assert eps is model and cond is None and terms[0].scale == 2.5
-    assert torch.allclose(terms[0].target, prototype_prior(refs, enc.prototypes, DEFAULT_IMAGE_PRIOR)[labels],
+    terms = guidance.terms
+    assert guidance.unconditional == bool(getattr(model, "conditional", False)) and terms[0].scale == 2.5
+    assert terms[0].target is None and terms[0].key == "image" and torch.equal(cond["y"], labels)
+    assert torch.allclose(cond["image"], prototype_prior(refs, enc.prototypes, DEFAULT_IMAGE_PRIOR)[labels],
                           atol=1e-6)
     raw = SweepContext(model=model, schedule=S, shape=(1, 8, 8), class_names=NAMES,
                        options={**ctx.options, "image_prior": "0"})
-    assert torch.allclose(get_method("image")(raw, 2.5, labels)[2][0].target, refs[labels], atol=1e-6)
+    assert torch.allclose(get_method("image")(raw, 2.5, labels)[1]["image"], refs[labels], atol=1e-6)
     with pytest.raises(CondiffError, match="image_prior must be a number"):
         get_method("image")(SweepContext(model=model, schedule=S, shape=(1, 8, 8), class_names=NAMES,
                                          options={**ctx.options, "image_prior": "x"}), 1.0, labels)
-    eps, cond, terms = get_method("text")(ctx, 4.0, labels)
+    guidance, cond = get_method("text")(ctx, 4.0, labels)
     want = text_target(load_encoder(cli_files["TXT"], "text")[0], text_encoder[0].encode(["long pants", "a photo of a bag"]))
-    assert torch.allclose(terms[0].target, want[torch.tensor([1, 0, 1])], atol=1e-6)
+    assert guidance.terms[0].scale == 4.0 and guidance.terms[0].target is None
+    assert torch.allclose(cond["text"], want[torch.tensor([1, 0, 1])], atol=1e-6)
     with pytest.raises(CondiffError, match="text_encoder"):
         get_method("text")(SweepContext(model=model, schedule=S, shape=(1, 8, 8), class_names=NAMES), 1.0, labels)
+    from condiff.sweep import check_options
+
+    check_options("image", {k: v for k, v in ctx.options.items() if k in ("image_encoder", "ref_data", "ref1")})
+    check_options("text", {"text_encoder": "x", "prompt0": "long pants", "text_prior": "0"})
+    with pytest.raises(CondiffError, match="method text has no option image_encoder, ref1, ref_data"):
+        check_options("text", ctx.options)
 
 
 def test_demo_adds_text_image_and_style_sections(capsys, cli_files, tmp_path):

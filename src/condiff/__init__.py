@@ -2,6 +2,7 @@
 
 Classifier guidance, similarity guidance and classifier-free guidance (Su Jianlin,
 "Generative diffusion models (9)"), on DDPM, DDIM, Euler, Heun, DPM-Solver++ and UniPC samplers.  See
+``condiff.compose`` (Guidance, Sampling, compose: the one composition path),
 ``condiff.samplers``, ``condiff.guidance``, ``condiff.schedule``.
 """
 
@@ -16,10 +17,11 @@ from .samplers import (  # noqa: E402
 from .guidance import (  # noqa: E402
     ClassifierFree, ClassifierTerm, GradientTerm, MeanShift, NullBranch, ScoreGuided, SimilarityTerm,
 )
+from .compose import Guidance, Sampling, compose  # noqa: E402
 
 __all__ = [
     "CondiffError", "NonFiniteError", "Schedule", "cosine_schedule", "linear_schedule", "respace", "sample",
     "sample_ddim", "sample_ddpm", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde", "sample_unipc", "SAMPLERS", "nfe", "ClassifierFree", "ClassifierTerm", "GradientTerm",
-    "MeanShift", "NullBranch", "ScoreGuided", "SimilarityTerm",
+    "MeanShift", "NullBranch", "ScoreGuided", "SimilarityTerm", "Guidance", "Sampling", "compose",
 ]

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from .errors import CondiffError
-from .validation import (MAX_LEVELS, MAX_WIDTH, check_output_dir, describe_unexpected, finite_float, int_range, key_value,
-                         nonneg_float, one_line, seed)
+from .validation import (MAX_LEVELS, MAX_WIDTH, check_output_dir, describe_unexpected, finite_float, float_range,
+                         int_range, key_value, nonneg_float, one_line, seed)
 
 EPILOG = "Article: Su Jianlin, 'Generative diffusion models (9): conditional control of generation'."
 
@@ -111,6 +113,66 @@ def _load_data(args, split="train"):
     return data
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``condiff CMD: error: ...``, exit 2); --help shows the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+class CliHelpers(NamedTuple):
+    """What the other CLI modules (cli_eval, similarity.commands) take from this one, handed over at registration."""
+
+    epilog: str
+    add_common: Callable
+    pos_int: Callable
+    nonneg_float: Callable
+    int_list: Callable
+    load_data: Callable
+    train_config: Callable
+    add_sampler_args: Callable
+
+
+SOLVER_FLAGS = ("eta", "variance")  # solver options with a flag of their own; the solver says which it takes
+
+
+def _sampler_help() -> str:
+    from .samplers import SAMPLERS, STOCHASTIC
+
+    kinds = ", ".join(f"{name} ({'stochastic' if name in STOCHASTIC else 'deterministic'})" for name in SAMPLERS)
+    return (f"solver: {kinds}. Deterministic solvers (ddim at eta 0, the ODE solvers) give the best images per "
+            "network call with CFG and are reproducible from x_T; gradient guidance (classifier, text, image, "
+            "style) steers better with a stochastic one (ddpm, or --eta 1), which corrects the guidance's "
+            "errors with fresh noise (docs/similarity.md measured it). The mean form (--form mean) needs an "
+            "ancestral stochastic solver")
+
+
+def _add_sampler_args(p: argparse.ArgumentParser, steps: int, eta_variance: bool = True) -> None:
+    """--sampler, --steps, --spacing, --threshold and the solver options; the tables come from the library."""
+    from .compose import DEFAULT_SAMPLER, DEFAULT_SPACING, MAX_ETA
+    from .samplers import SAMPLERS
+    from .schedule import SPACINGS
+
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help=f"{_sampler_help()} (default {DEFAULT_SAMPLER})")
+    p.add_argument("--steps", type=_pos_int, default=steps,
+                   help=f"sampling steps after respacing (default {steps}); network calls per image: see the solver")
+    p.add_argument("--spacing", choices=list(SPACINGS), default=DEFAULT_SPACING,
+                   help="which timesteps the steps visit: linspace (uniform in t, both ends; default), leading / "
+                        "trailing (uniform in t as diffusers names them), lambda (uniform in log(abar_t/bbar_t), "
+                        "the DPM-Solver choice), karras (Karras et al.'s sigmas, rho 7: more steps at low noise)")
+    p.add_argument("--threshold", type=float_range(0.0, 1.0, "a percentile", open_lo=True), default=None,
+                   metavar="P", help="dynamic thresholding of the predicted x_0 (Imagen): clamp each sample to its "
+                                     "P-quantile of |x_0| (at least 1) and rescale; for large guidance (default off)")
+    if eta_variance:
+        p.add_argument("--eta", type=float_range(0.0, MAX_ETA, "eta"), default=None,
+                       help="ddim's eta in [0, 1]: sigma_t = eta * posterior std; 0 deterministic (default), 1 as "
+                            "stochastic as ddpm; only for solvers that take eta")
+        p.add_argument("--variance", choices=["ddpm", "ddpm-beta"], default=None,
+                       help="ddpm's reverse variance: posterior (ddpm, default) or beta_t^2 (ddpm-beta); only for "
+                            "--sampler ddpm")
+
+
 # ----------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
     from .accel import compile_model
@@ -195,32 +257,48 @@ def cmd_train_classifier(args) -> int:
 SHIPPED_ARG = "@shipped"  # --classifier given without a value
 
 
+def _sampling(args):
+    """The sampler flags as a :class:`condiff.compose.Sampling` (solver options only when given)."""
+    from .compose import Sampling
+
+    options = {name: getattr(args, name) for name in SOLVER_FLAGS if getattr(args, name, None) is not None}
+    return Sampling(args.sampler, args.steps, args.spacing, clip_x0=getattr(args, "clip_x0", 1.0) or None,
+                    threshold=args.threshold, options=options)
+
+
 def cmd_sample(args) -> int:
     import torch
 
+    from .accel import autocast, compile_model
+    from .compose import Guidance, class_guidance, compose, saturation_warning
     from .data import resolve_class
+    from .distributed import current as current_dist, generate_sharded
     from .guidance import ClassifierTerm
     from .images import save_grid, save_npz
-    from .accel import autocast, compile_model
-    from .distributed import current as current_dist, generate_sharded
     from .interop import check_classifier_schedule
+    from .pipeline import load_classifier, load_diffusion, resolve_device
     from .similarity.commands import similarity_terms
-    from .pipeline import guided_model, load_classifier, load_diffusion, resolve_device
-    from .schedule import respace
-
     from .validation import check_output_file
 
-    check_output_file(args.out, "--out")  # before any work: a failed run writes nothing
+    out_path = check_output_file(args.out, "--out")  # before any work: a failed run writes nothing
     if args.npz:
-        check_output_file(args.npz, "--npz")
+        if check_output_file(args.npz, "--npz").resolve() == out_path.resolve():
+            raise CondiffError("--npz and --out name the same file")
+    if not args.classifier and (args.sharpen or args.scale is not None):
+        raise CondiffError(f"{'--sharpen' if args.sharpen else '--scale'} applies to classifier guidance: "
+                           "give --classifier")
     device = resolve_device(args.device)
     if args.cfg_w is not None and args.cfg_scale is not None:
         raise CondiffError("give --cfg-w (the article's w) or --cfg-scale (s = 1 + w), not both")
     cfg_w = args.cfg_w if args.cfg_scale is None else args.cfg_scale - 1
     if cfg_w is not None and cfg_w < 0:
         raise CondiffError(f"--cfg-scale must be >= 1 (s = 1 + w), got {args.cfg_scale}")
+    if cfg_w is None and (args.cfg_interval is not None or args.cfg_rescale is not None):
+        raise CondiffError(f"{'--cfg-interval' if args.cfg_interval is not None else '--cfg-rescale'} applies to "
+                           "classifier-free guidance: give --cfg-w or --cfg-scale")
     if args.ckpt is not None and args.diffusers_model is not None:
         raise CondiffError("give --ckpt CKPT or --diffusers-model DIR, not both")
+    sampling = _sampling(args).validate()  # unknown options for this solver (--eta with ddpm, ...)
     from .zoo import shipped
 
     args.use_shipped = args.ckpt is None and args.diffusers_model is None
@@ -241,43 +319,36 @@ def cmd_sample(args) -> int:
     else:
         model, schedule, config = load_diffusion(args.ckpt, device, args.trust_pickle)
     model = compile_model(model, args.compile)
-    respace(schedule, args.steps)  # validate steps against T before any work
     names = config.get("class_names", [])
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
     classes = [resolve_class(c, names, len(names) or None) for c in args.classes] if args.classes else []
-    conditional = getattr(model, "conditional", False)
+    how = class_guidance(model, classes=bool(classes), cfg_w=cfg_w, classifier=bool(args.classifier),
+                         unconditional=args.unconditional)
     terms = []
     if args.classifier:
-        if not classes:
-            raise CondiffError("--classifier needs --class")
         clf, clf_config = load_classifier(args.classifier, device, args.trust_pickle)
         mismatch = check_classifier_schedule(schedule, clf_config)
         if mismatch and current_dist().main:
             print(f"condiff sample: warning: {mismatch}", file=sys.stderr)
-    if not classes and cfg_w is not None:
-        raise CondiffError("classifier-free guidance needs --class")
-    if classes and not conditional and not args.classifier:
-        raise CondiffError("this model is unconditional: pass --classifier CKPT to guide it to a class")
+        terms.append(ClassifierTerm(clf, None, 1.0 if args.scale is None else args.scale, sharpen=args.sharpen))
+    sim_terms, cond = similarity_terms(args, schedule, shape, device)  # --text, --image, --style (eqs 11-15)
+    guidance = Guidance(cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale or 0.0, terms=terms + sim_terms,
+                        form=args.form, grad_at=args.grad_at, **how)
+    eps, shift = compose(model, schedule, guidance, sampling)
     rows = classes or [None]
+    n = len(rows) * args.n
     y = torch.tensor([c for c in rows for _ in range(args.n)]) if classes else None
-    if args.classifier:
-        terms.append(ClassifierTerm(clf, y, args.scale, sharpen=args.sharpen))
-    terms += similarity_terms(args, schedule, shape, device)  # --text, --image, --style (eqs 11-15)
-    use_model_cond = conditional and not args.unconditional and (cfg_w is not None or (classes and not args.classifier))
-    eps, shift = guided_model(model, schedule, cfg_w=(cfg_w if cfg_w is not None else (0.0 if use_model_cond else None)),
-                              cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale,
-                              unconditional=conditional and not use_model_cond,
-                              terms=terms, form=args.form, grad_at=args.grad_at)
-    if args.classifier and args.batch_size < len(y):
-        # per-sample classifier targets must follow the batches
-        raise CondiffError(f"--batch-size must be >= the number of guided samples ({len(y)})")
+    if y is not None:
+        cond["y"] = y  # per-row targets travel with their rows: any --batch-size
     with autocast(device, args.bf16):  # batches split across torchrun ranks, gathered on rank 0
-        x = generate_sharded(eps, schedule, len(rows) * args.n, shape=shape, cond=y if use_model_cond else None,
-                             sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
-                             mean_shift=shift, seed=args.seed, batch_size=args.batch_size, device=device,
-                             clip_x0=args.clip_x0, progress=not args.no_progress and current_dist().main)
+        x = generate_sharded(eps, schedule, n, shape=shape, cond=cond or None, mean_shift=shift, seed=args.seed,
+                             batch_size=args.batch_size, device=device,
+                             progress=not args.no_progress and current_dist().main, **sampling.kwargs())
     if x is None:  # not rank 0: rank 0 writes
         return 0
+    warning = saturation_warning(x)
+    if warning:
+        print(f"condiff sample: warning: {warning}", file=sys.stderr)
     out = save_grid(x, args.out, nrow=args.n)
     print(f"wrote {out}")
     if args.npz:
@@ -291,6 +362,7 @@ def cmd_demo(args) -> int:
     from .pipeline import resolve_device
     from .zoo import shipped
 
+    check_output_dir(args.out)
     device = resolve_device(args.device)
     ckpt = args.ckpt or shipped("diffusion")
     default = args.ckpt is None  # the shipped eps-model: its shipped companions are the defaults
@@ -315,8 +387,10 @@ def cmd_demo(args) -> int:
             print(f"condiff demo: skipping text guidance: {e}", file=sys.stderr)
             text = None
     image = companion(args.image_encoder, "image-encoder")
+    warn = lambda message: print(f"condiff demo: warning: {message}", file=sys.stderr)  # noqa: E731
     index = run_demo(DemoConfig(diffusion=ckpt, classifier=clf, steps=args.steps, per_class=args.per_class,
-                                seed=args.seed, device=device, text_encoder=text, image_encoder=image),
+                                seed=args.seed, device=device, text_encoder=text, image_encoder=image,
+                                sampler=args.sampler, spacing=args.spacing, threshold=args.threshold, log=warn),
                      args.out, progress=not args.no_progress)
     print(f"wrote {index}")
     return 0
@@ -336,10 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .similarity.commands import add_similarity_sample_args, add_train_encoder_parser
 
-    parser = argparse.ArgumentParser(
+    from .compose import DEFAULT_CLIP_X0, DEFAULT_STEPS
+    from .demo import DemoConfig
+
+    parser = OneLineParser(
         prog="condiff", epilog=EPILOG,
         description="Control what a diffusion model generates: classifier guidance, similarity guidance "
-                    "and classifier-free guidance, on DDPM and DDIM samplers.")
+                    "and classifier-free guidance, on every solver of condiff.samplers.")
+    helpers = CliHelpers(EPILOG, _add_common, _pos_int, nonneg_float, _int_list, _load_data, _train_config,
+                         _add_sampler_args)
     parser.add_argument("--version", action="version", version=f"condiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -366,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t-max", type=_pos_int, default=None, help="train only on t < T_MAX (default T)")
     p.set_defaults(func=cmd_train_classifier, distributed=True)
 
-    add_train_encoder_parser(sub, _add_train_common, EPILOG)  # similarity encoders (eq 15)
+    add_train_encoder_parser(sub, _add_train_common, helpers)  # similarity encoders (eq 15)
 
     p = sub.add_parser("sample", help="sample a grid, unguided or guided (classifier, classifier-free)",
                        description="Sample images from an eps-model checkpoint. Classifier guidance: "
@@ -390,12 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", nargs="?", const=SHIPPED_ARG, default=None, metavar="CKPT",
                    help="noise-aware classifier checkpoint for classifier guidance; the flag alone means the "
                         "shipped Fashion-MNIST classifier")
-    p.add_argument("--scale", type=nonneg_float, default=1.0, help="classifier guidance scale gamma (default 1)")
+    p.add_argument("--scale", type=nonneg_float, default=None,
+                   help="classifier guidance scale gamma (default 1); a scale far too large saturates the images, "
+                        "which condiff reports as a warning")
     p.add_argument("--form", choices=["score", "mean"], default="score",
                    help="apply gradients as eps - bbar_t*grad (score, eq 19, any sampler; default) "
                         "or as a mean shift mu + sigma_t^2*grad (mean, eq 6, ancestral samplers)")
     p.add_argument("--grad-at", choices=["x_t", "mu"], default="x_t",
-                   help="mean form: gradient at x_t (eq 6, default) or at mu(x_t) (eq 7)")
+                   help="mean form only: gradient at x_t (eq 6, default) or at mu(x_t) (eq 7)")
     p.add_argument("--sharpen", action="store_true",
                    help="use the sharpened classifier softmax(gamma*logits) of eqs 9-10 instead of gamma*grad")
     p.add_argument("--cfg-w", type=nonneg_float, default=None,
@@ -403,18 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=finite_float, default=None,
                    help="the same in diffusers' convention: guidance_scale s = 1 + w (s >= 1)")
     p.add_argument("--cfg-interval", type=_interval, default=None,
-                   help="apply CFG only for timesteps LO<=t<=HI (Kynkaanniemi et al. 2024), e.g. 100,800")
-    p.add_argument("--cfg-rescale", type=nonneg_float, default=0.0,
+                   help="apply CFG only for timesteps LO<=t<=HI, inside [0, T) (Kynkaanniemi et al. 2024), e.g. 100,800")
+    p.add_argument("--cfg-rescale", type=nonneg_float, default=None,
                    help="guidance rescale factor phi in [0,1] (Lin et al. 2023; default 0 = off)")
     p.add_argument("--unconditional", action="store_true",
                    help="sample the null branch of a conditional model (the unconditional model)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
-    p.add_argument("--steps", type=_pos_int, default=50, help="sampling steps after respacing (default 50)")
-    p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta; 0 is deterministic (default 0)")
-    p.add_argument("--variance", choices=["ddpm", "ddpm-beta"], default="ddpm",
-                   help="DDPM reverse variance: posterior (ddpm) or beta_t^2 (ddpm-beta)")
-    p.add_argument("--clip-x0", type=nonneg_float, default=1.0,
-                   help="clamp the predicted x_0 to [-C, C] at every step (default 1, the data range; 0 = off)")
+    _add_sampler_args(p, DEFAULT_STEPS)
+    p.add_argument("--clip-x0", type=nonneg_float, default=DEFAULT_CLIP_X0,
+                   help=f"clamp the predicted x_0 to [-C, C] at every step (default {DEFAULT_CLIP_X0:g}, the data "
+                        "range; 0 = off)")
     p.add_argument("--batch-size", type=_pos_int, default=256,
                    help="images per batch; under torchrun whole batches are split across processes (default 256)")
     p.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
@@ -439,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", default=None, help="text-aligned encoder (default: shipped)")
     p.add_argument("--image-encoder", default=None, help="image encoder for the reference and style grids "
                                                          "(default: shipped)")
-    p.add_argument("--steps", type=_pos_int, default=25, help="DDIM steps (default 25)")
+    _add_sampler_args(p, DemoConfig.steps, eta_variance=False)  # similarity grids: eta 1 when the solver takes eta
     p.add_argument("--per-class", type=_pos_int, default=6, help="samples per grid row (default 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     _add_common(p)
@@ -460,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_eval import register as register_eval  # train-judge, evaluate, sweep
 
-    register_eval(sub, _add_common, _pos_int, nonneg_float, _int_list)
+    register_eval(sub, helpers)
     return parser
 
 
@@ -475,6 +553,12 @@ def _reject_swallowed_values(parser: argparse.ArgumentParser, args) -> None:
             sub.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
 
 
+def _one_line_warning(command: str):
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"condiff {command}: warning: {one_line(message)}", file=file or sys.stderr)
+    return show
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -486,7 +570,9 @@ def main(argv=None) -> int:
         from .distributed import launch
 
         # under torchrun: one process group around the command (NCCL on CUDA, gloo on CPU)
-        with launch(getattr(args, "device", "cpu"), args.command, getattr(args, "distributed", False)):
+        with launch(getattr(args, "device", "cpu"), args.command, getattr(args, "distributed", False)), \
+                warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)  # library warnings: one line each
             return args.func(args)
     except CondiffError as e:
         print(f"condiff {args.command}: error: {one_line(e)}", file=sys.stderr)

@@ -30,13 +30,13 @@ def _scales(text: str) -> list[float]:
 
 # ------------------------------------------------------------------------------------------- commands
 def cmd_train_judge(args) -> int:
-    from .cli import _load_data, _train_config
     from .evaluation import train_judge
     from .pipeline import resolve_device
 
     if not 0 <= args.dropout < 1:
         raise CondiffError(f"--dropout must lie in [0, 1), got {args.dropout}")
     device = resolve_device(args.device)
+    _load_data, _train_config = args.helpers.load_data, args.helpers.train_config
     train_data = _load_data(args, "train")
     test_data = _load_data(args, "test")
     if args.data is not None and Path(args.data).is_file():
@@ -74,16 +74,28 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .compose import Sampling
     from .pipeline import resolve_device
-    from .sweep import run_sweep_cli
+    from .sweep import sweep_checkpoint
+    from .validation import check_output_dir
 
-    return run_sweep_cli(args, resolve_device(args.device))
+    check_output_dir(args.out)
+    options = {name: getattr(args, name) for name in ("eta", "variance") if getattr(args, name) is not None}
+    sampling = Sampling(args.sampler, args.steps, args.spacing, threshold=args.threshold, options=options).validate()
+    sweep_checkpoint(args.ckpt, args.method, args.scales, args.n, args.out, judge=args.judge, data=args.data,
+                     classes=args.classes, options=dict(args.options), classifier=args.classifier, sampling=sampling,
+                     form=args.form, seed=args.seed, batch_size=args.batch_size, device=resolve_device(args.device),
+                     progress=not args.no_progress, log=print)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"wrote {args.out}/results.{{md,csv,json}}, sweep.png, grid-scale-*.png, samples-scale-*.npz")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- parsers
-def register(sub, common, pos_int, nonneg_float, int_list) -> None:
-    """Add the evaluation subcommands to ``condiff``'s subparsers (helpers come from condiff.cli)."""
-    from .cli import EPILOG
+def register(sub, helpers) -> None:
+    """Add the evaluation subcommands to ``condiff``'s subparsers (``helpers``: :class:`condiff.cli.CliHelpers`)."""
+    EPILOG, common, pos_int, nonneg_float, int_list = (helpers.epilog, helpers.add_common, helpers.pos_int,
+                                                       helpers.nonneg_float, helpers.int_list)
 
     p = sub.add_parser("train-judge", help="train the independent judge / FID_fm feature network on clean images",
                        description="Train a plain CNN classifier on clean images (no time input; an architecture "
@@ -115,7 +127,7 @@ def register(sub, common, pos_int, nonneg_float, int_list) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     common(p)
-    p.set_defaults(func=cmd_train_judge, seed=1234)  # JUDGE_SEED: not the guidance nets' seed 0
+    p.set_defaults(func=cmd_train_judge, seed=1234, helpers=helpers)  # JUDGE_SEED: not the guidance nets' seed 0
 
     p = sub.add_parser("evaluate", help="score samples (.npz): FID_fm, precision/recall, density/coverage, "
                                         "judge accuracy, diversity",
@@ -160,15 +172,18 @@ def register(sub, common, pos_int, nonneg_float, int_list) -> None:
     p.add_argument("--class", dest="classes", action="append", default=[],
                    help="restrict to this class (name or index); repeat for several (default: all classes)")
     p.add_argument("--option", dest="options", type=key_value(), action="append", default=[],
-                   help="KEY=VALUE passed to the method (for methods registered by other modules)")
+                   help="KEY=VALUE passed to the method: classifier: sharpen=true; text: text_encoder=CKPT, "
+                        "text_prior=T, promptK=TEXT; image: image_encoder=CKPT, image_prior=W, ref_data=PATH, "
+                        "refK=INDEX (an unknown key is an error)")
     p.add_argument("--form", choices=["score", "mean"], default="score",
-                   help="gradient terms as eps - bbar_t*grad (score, eq 19; default) or mean shift (eq 6)")
+                   help="gradient terms as eps - bbar_t*grad (score, eq 19; default) or mean shift (eq 6; an "
+                        "ancestral stochastic sampler only); not for method cfg")
     p.add_argument("--judge", default=None, help="judge checkpoint (default: $CONDIFF_JUDGE, else the shipped one)")
     p.add_argument("--data", default=None, help="real data for the reference statistics (default: the judge's)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler (default ddim)")
-    p.add_argument("--steps", type=pos_int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta (default 0)")
+    from .compose import DEFAULT_STEPS
+
+    helpers.add_sampler_args(p, DEFAULT_STEPS)
     p.add_argument("--batch-size", type=pos_int, default=250, help="images per sampling batch (default 250)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     common(p)

@@ -15,9 +15,11 @@ from typing import Callable
 import torch
 
 from .checkpoints import atomic_write_text
+from .compose import (DEFAULT_SAMPLER, DEFAULT_SPACING, Guidance, Sampling, compose, saturation_warning,
+                      solver_options)
 from .guidance import ClassifierTerm
 from .images import save_grid
-from .pipeline import generate, guided_model, load_classifier, load_diffusion
+from .pipeline import generate, load_classifier, load_diffusion
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -44,6 +46,10 @@ class DemoConfig:
     style: str | Path | None = None  # style image; default: the shipped striped pullover
     style_classes: tuple[int, ...] = (0, 2, 3)  # CFG rows that the style is applied to
     sim_eta: float = 1.0  # a stochastic sampler steers better with gradient guidance (docs/similarity.md)
+    sampler: str = DEFAULT_SAMPLER  # the solver of every grid; the similarity grids add eta = sim_eta when it takes eta
+    spacing: str = DEFAULT_SPACING
+    threshold: float | None = None
+    log: Callable[[str], None] | None = None  # warnings (saturated grids) go here
     extra_sections: list[Callable] = field(default_factory=list)
 
 
@@ -60,6 +66,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
     model, schedule, config = load_diffusion(cfg.diffusion, cfg.device)
     clf = load_classifier(cfg.classifier, cfg.device)[0] if cfg.classifier is not None else None
     shape = tuple(config["image_shape"])
+    sampling = Sampling(cfg.sampler, cfg.steps, cfg.spacing, threshold=cfg.threshold).validate(schedule)
     found = _similarity_inputs(cfg, shape)
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a failed demo writes nothing
     names = config.get("class_names") or [str(i) for i in range(model.num_classes or 0)]
@@ -68,31 +75,37 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
     labels = [names[c] for c in classes]
     n, rows = len(y), []
 
-    def run(eps, cond=None, shift=None, count=None, eta=0.0):
+    stochastic = Sampling(cfg.sampler, cfg.steps, cfg.spacing, threshold=cfg.threshold,
+                          options={"eta": cfg.sim_eta} if "eta" in solver_options(cfg.sampler) else {})
+
+    def run(guidance, cond=None, count=None, stochastic_solver=False):
         t0 = time.time()
         count = count or n
-        x = generate(eps, schedule, count, shape=shape, cond=cond, steps=cfg.steps, seed=cfg.seed,
-                     batch_size=count, device=cfg.device, mean_shift=shift, eta=eta)
+        use = stochastic if stochastic_solver else sampling
+        eps, shift = compose(model, schedule, guidance, use)
+        x = generate(eps, schedule, count, shape=shape, cond=cond, seed=cfg.seed, batch_size=count,
+                     device=cfg.device, mean_shift=shift, **use.kwargs())
+        warning = saturation_warning(x)
+        if warning and cfg.log:
+            cfg.log(warning)
         return x, time.time() - t0
 
-    eps, _ = guided_model(model, schedule, unconditional=True)
-    x, dt = run(eps)
+    null = Guidance(unconditional=True)
+    x, dt = run(null)
     _section(out, rows, "unguided", "Unguided (null branch)", "none", 0, x, ["(any)"] * len(classes),
              cfg.per_class, dt)
     for w in cfg.cfg_ws:
-        eps, _ = guided_model(model, schedule, cfg_w=w)
-        x, dt = run(eps, cond=y)
+        x, dt = run(Guidance(cfg_w=w), cond=y)
         _section(out, rows, f"cfg-w{w:g}", f"Classifier-free guidance, w = {w:g} (s = {1 + w:g})",
                  "classifier-free (eq 24)", w, x, labels, cfg.per_class, dt)
     if clf is not None:
-        for gamma in cfg.classifier_scales:
-            eps, _ = guided_model(model, schedule, unconditional=True, terms=[ClassifierTerm(clf, y, gamma)])
-            x, dt = run(eps)
+        for gamma in cfg.classifier_scales:  # each row's class travels in cond["y"]
+            x, dt = run(Guidance(unconditional=True, terms=[ClassifierTerm(clf, None, gamma)]), cond=y)
             _section(out, rows, f"classifier-g{gamma:g}", f"Classifier guidance, gamma = {gamma:g}",
                      "classifier (eqs 8, 19)", gamma, x, labels, cfg.per_class, dt)
     if found:
         _similarity_sections(cfg, out, rows, model, schedule, names, run, found)
-    for extra in cfg.extra_sections:
+    for extra in cfg.extra_sections:  # each: (model, schedule, cfg) -> section dicts
         for sec in extra(model, schedule, cfg):
             _section(out, rows, **sec)
     return _write_index(out, rows)
@@ -128,16 +141,17 @@ def _similarity_inputs(cfg: DemoConfig, shape) -> dict:
 def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule, names, run, found: dict) -> None:
     """Text, image-reference and style grids (eqs 11-15), each against its unguided twin (same seed)."""
     from .similarity import ImageSimilarity, StyleSimilarity, TextSimilarity
-    from .similarity.commands import DEFAULT_SCALES
+    from .similarity.terms import DEFAULT_SCALES, text_target
 
-    k, eta = cfg.per_class, cfg.sim_eta
-    if "text" in found:
+    k = cfg.per_class
+    if "text" in found:  # one prompt per row: the targets travel in cond["text"]
         enc, te = found["text"]
         prompts = [p for p in cfg.prompts for _ in range(k)]
-        term = TextSimilarity.from_prompt(enc, prompts, DEFAULT_SCALES["text"], te)
+        term = TextSimilarity(lambda x, t: enc(x, t, "text"), None, DEFAULT_SCALES["text"])
+        cond = {"text": text_target(enc, te.encode(prompts))}
         for scale, terms in ((0, []), (DEFAULT_SCALES["text"], [term])):
-            eps, _ = guided_model(model, schedule, unconditional=True, terms=terms)
-            x, dt = run(eps, count=len(prompts), eta=eta)
+            x, dt = run(Guidance(unconditional=True, terms=terms), cond=cond if terms else None, count=len(prompts),
+                        stochastic_solver=True)
             _section(out, rows, f"text-s{scale:g}", f"Text guidance, gamma = {scale:g} (one prompt per row)",
                      "text similarity (eqs 14-15)", scale, x, [f'"{p}"' for p in cfg.prompts], k, dt)
     if "image" not in found:
@@ -149,10 +163,11 @@ def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule
                  torch.stack([img for _, img in inputs]), [p.name for p, _ in inputs], len(inputs), 0.0)
     if refs:
         ref = torch.stack([img for _, img in refs]).to(cfg.device)
-        term = ImageSimilarity.from_encoder(enc, ref.repeat_interleave(k, 0), DEFAULT_SCALES["image"])
+        term = ImageSimilarity.from_encoder(enc, None, DEFAULT_SCALES["image"])  # one reference per row: cond["image"]
+        cond = {"image": term.targets(ref).repeat_interleave(k, 0)}
         for scale, terms in ((0, []), (DEFAULT_SCALES["image"], [term])):
-            eps, _ = guided_model(model, schedule, unconditional=True, terms=terms)
-            x, dt = run(eps, count=len(refs) * k, eta=eta)
+            x, dt = run(Guidance(unconditional=True, terms=terms), cond=cond if terms else None,
+                        count=len(refs) * k, stochastic_solver=True)
             _section(out, rows, f"image-s{scale:g}", f"Image guidance, gamma = {scale:g} (one reference per row)",
                      "image similarity (eqs 14-15)", scale, x, [p.stem for p, _ in refs], k, dt)
     if style is not None:  # composed with classifier-free guidance (w = 1) when the model is conditional
@@ -161,8 +176,8 @@ def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule
         y = torch.tensor([c for c in classes for _ in range(k)]) if conditional else None
         term = StyleSimilarity.from_encoder(enc, style[1], DEFAULT_SCALES["style"], schedule)
         for scale, terms in ((0, []), (DEFAULT_SCALES["style"], [term])):
-            eps, _ = guided_model(model, schedule, cfg_w=1.0 if conditional else None, terms=terms)
-            x, dt = run(eps, cond=y, count=len(classes) * k, eta=eta)
+            x, dt = run(Guidance(cfg_w=1.0 if conditional else None, terms=terms), cond=y, count=len(classes) * k,
+                        stochastic_solver=True)
             _section(out, rows, f"style-s{scale:g}", f"Style guidance toward {style[0].name}, gamma = {scale:g}"
                      + (", on classifier-free guidance w = 1" if conditional else ""),
                      "style (Gram)" + (" + classifier-free" if conditional else ""), scale, x,

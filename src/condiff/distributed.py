@@ -241,14 +241,10 @@ def generate_sharded(model, schedule, n: int, *, shape, cond=None, batch_size: i
         return generate(model, schedule, n, shape=shape, cond=cond, batch_size=batch_size, **kw)
     if n < 1 or batch_size < 1:  # same checks, same message, on every rank
         return generate(model, schedule, n, shape=shape, cond=cond, batch_size=batch_size, **kw)
+    from .guidance import batch_cond, slice_cond
+
     start, count = shard_range(n, batch_size, d.rank, d.world_size)
-    if cond is not None:
-        cond = torch.as_tensor(cond)
-        per_row = cond.dim() > 1 or (cond.dim() == 1 and not cond.dtype.is_floating_point)
-        if per_row:
-            if cond.shape[0] != n:
-                raise CondiffError(f"cond has {cond.shape[0]} rows for {n} samples")
-            cond = cond[start:start + count]
+    cond = slice_cond(batch_cond(cond, n), start, start + count)  # per-row entries follow their rows
     part = torch.zeros((0, *shape))
     if count:
         part = generate(model, schedule, count, shape=shape, cond=cond, batch_size=batch_size, start=start, **kw)

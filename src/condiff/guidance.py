@@ -3,13 +3,14 @@
 Three families, all as wrappers around a model ``eps(x_t, t, cond)``:
 
 * gradient terms (classifier guidance, eqs 1-10; similarity guidance, eqs 11-15):
-  each :class:`GradientTerm` computes ``gamma * grad_x f(x_t, t)``; they are applied
+  each :class:`GradientTerm` computes ``gamma * grad_x f(x_t, t, cond)``; they are applied
   either as a mean shift mu + sigma_t^2 * g for ancestral samplers
   (:class:`MeanShift`, eqs 6-8 and 14) or in score form
   eps - bbar_t * g, valid for any sigma_t including DDIM (:class:`ScoreGuided`,
   eqs 18-19);
 * classifier-free guidance (:class:`ClassifierFree`, eqs 20-24);
-* composition: several gradient terms in one wrapper, on top of a CFG model.
+* composition: several gradient terms in one wrapper, on top of a CFG model
+  (described by :class:`condiff.compose.Guidance`, built by :func:`condiff.compose.compose`).
 
 The factors sigma_t^2 and bbar_t are applied in exactly one place each:
 :func:`condition_mean` and :func:`condition_score`.
@@ -28,8 +29,12 @@ from .schedule import Schedule
 
 __all__ = [
     "condition_mean", "condition_score", "scaled_grad", "GradientTerm", "ClassifierTerm",
-    "SimilarityTerm", "MeanShift", "ScoreGuided", "ClassifierFree", "NullBranch", "check_scale",
+    "SimilarityTerm", "MeanShift", "ScoreGuided", "ClassifierFree", "NullBranch", "Conditioned", "check_scale",
+    "cond_entry", "network_cond", "batch_cond", "slice_cond", "MODEL_KEY", "FORMS", "GRAD_AT",
 ]
+
+FORMS = ("score", "mean")  # eq 19 (any sampler) or eqs 6-7 (ancestral samplers)
+GRAD_AT = ("x_t", "mu")    # eq 6 or eq 7
 
 
 def check_scale(name: str, value: float, allow_negative: bool = False) -> float:
@@ -53,9 +58,9 @@ def condition_score(eps: torch.Tensor, bbar: torch.Tensor, grad: torch.Tensor) -
     return eps - bbar * grad
 
 
-def scaled_grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                t: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """scale * d/dx fn(x, t) for a per-sample objective ``fn -> (B,)``.
+def scaled_grad(fn: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, scale: float = 1.0,
+                cond=None) -> torch.Tensor:
+    """scale * d/dx fn(x, t, cond) for a per-sample objective ``fn -> (B,)``.
 
     The one gradient helper of condiff: it works inside ``torch.no_grad()``
     sampling loops, differentiates with respect to ``x`` only (no parameter
@@ -64,33 +69,114 @@ def scaled_grad(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: tor
     """
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        out = fn(xg, t)
+        out = fn(xg, t, cond)
         if out.dim() != 1 or out.shape[0] != x.shape[0]:
             raise CondiffError(f"a guidance objective must return shape ({x.shape[0]},), got {tuple(out.shape)}")
         (g,) = torch.autograd.grad(out.sum(), xg)
     return (scale * g).detach()
 
 
-class GradientTerm:
-    """A guidance term gamma * grad_x f(x_t, t) for any differentiable ``f(x_t, t) -> (B,)``.
+# ----------------------------------------------------------------------------- the condition of a batch
+# ``cond`` is what travels with a batch through ``generate`` (sliced with the batch) to every model
+# call and every guidance term.  It is None, a tensor, or a dict of per-row entries:
+#
+#   cond = {"y": classes (B,), "text": targets (B, D), "image": targets (B, D), ...}
+#
+# The eps-network receives ``cond["y"]`` (a plain tensor is that entry alone); each gradient term
+# reads the entry named by its ``key`` (ClassifierTerm "y", TextSimilarity "text", ImageSimilarity
+# "image"), so per-row targets need no batch-size restriction and no term is rebuilt per batch.
+MODEL_KEY = "y"
 
-    ``f`` is log p(y|x_t) for classifier guidance (eqs 6-8) or sim(x_t, y) for
-    similarity guidance (eqs 11-15).  ``scale`` is gamma (eq 8).
+
+def cond_entry(cond, key: str | None):
+    """Entry ``key`` of a batch condition: ``cond[key]`` of a dict, a plain tensor for key "y", else None."""
+    if key is None or cond is None:
+        return None
+    if isinstance(cond, dict):
+        return cond.get(key)
+    return cond if key == MODEL_KEY else None
+
+
+def network_cond(cond):
+    """What the eps-network receives of a batch condition: its "y" entry (eq 22's y)."""
+    return cond_entry(cond, MODEL_KEY)
+
+
+def _rows_of(value, n: int, what: str) -> torch.Tensor:
+    v = torch.as_tensor(value)
+    if v.dim() == 0 or (v.shape[0] == 1 and n != 1):
+        return v.expand(n, *v.shape[1:]) if v.dim() else v.expand(n)
+    if v.shape[0] != n:
+        raise CondiffError(f"{what} has {v.shape[0]} rows for {n} samples")
+    return v
+
+
+def batch_cond(cond, n: int):
+    """``cond`` for ``n`` samples, every entry with n rows: a scalar or a single row repeats.
+
+    A plain tensor is the network's condition (an int class, (n,) classes, or one (D,) vector
+    for every row); a dict holds per-row entries (see :func:`cond_entry`).
+    """
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: _rows_of(v, n, f"cond[{k!r}]") for k, v in cond.items()}
+    cond = torch.as_tensor(cond)
+    if cond.dim() == 1 and cond.dtype.is_floating_point:  # one condition vector for every row
+        cond = cond[None]
+    return _rows_of(cond, n, "cond")
+
+
+def slice_cond(cond, lo: int, hi: int, device=None):
+    """Rows lo:hi of a :func:`batch_cond` condition, moved to ``device``."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[lo:hi].to(device) for k, v in cond.items()}
+    return cond[lo:hi].to(device)
+
+
+class Conditioned:
+    """A model called with the network part of a batch condition: ``model(x_t, t, cond["y"])``.
+
+    A model that says it is unconditional (``model.conditional`` False) gets None: the
+    classes in ``cond`` are then for the gradient terms (a classifier) alone.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: float = 1.0,
-                 name: str = "custom"):
+    def __init__(self, model):
+        self.model = model
+        self.uses_cond = getattr(model, "conditional", True) is not False
+
+    def __call__(self, x, t, cond=None):
+        return self.model(x, t, network_cond(cond) if self.uses_cond else None)
+
+
+class GradientTerm:
+    """A guidance term gamma * grad_x f(x_t, t, cond) for any differentiable ``f(x_t, t, cond) -> (B,)``.
+
+    ``f`` is log p(y|x_t) for classifier guidance (eqs 6-8) or sim(x_t, y) for
+    similarity guidance (eqs 11-15); ``cond`` is the batch's condition (see
+    :func:`cond_entry`), so a per-row target travels with its row.  ``scale`` is gamma (eq 8).
+    """
+
+    key: str | None = None  # the entry of ``cond`` that holds this term's per-row target
+
+    def __init__(self, fn: Callable[..., torch.Tensor] | None, scale: float = 1.0, name: str = "custom"):
         self.fn = fn
         self.scale = check_scale(f"{name} scale", scale)
         self.name = name
 
-    def objective(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, t)
+    def objective(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.fn(x, t, cond)
 
-    def grad(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def grad(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         if self.scale == 0:
             return torch.zeros_like(x)
-        return scaled_grad(self.objective, x, t, self.scale)
+        return scaled_grad(self.objective, x, t, self.scale, cond)
+
+    def config(self) -> dict:
+        """The JSON-able settings of this term (its networks and targets are not)."""
+        return {"name": self.name, "scale": self.scale, "key": self.key}
 
 
 class ClassifierTerm(GradientTerm):
@@ -103,45 +189,52 @@ class ClassifierTerm(GradientTerm):
 
     Args:
         classifier: ``logits = classifier(x_t, t)``, (B, num_classes).
-        y: target classes, an int or a (B,) long tensor.
+        y: the target class, an int or a (B,) long tensor; None (default) reads each
+            row's class from the batch condition (``cond["y"]``, or a plain tensor cond).
     """
 
-    def __init__(self, classifier, y, scale: float = 1.0, sharpen: bool = False):
+    key = MODEL_KEY
+
+    def __init__(self, classifier, y=None, scale: float = 1.0, sharpen: bool = False):
         super().__init__(None, scale, name="classifier")
         self.classifier = classifier
         self.y = y
         self.sharpen = bool(sharpen)
 
-    def _targets(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.as_tensor(self.y, device=x.device, dtype=torch.long)
-        return y.expand(x.shape[0]) if y.dim() == 0 else y
+    def _targets(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        y = self.y if self.y is not None else cond_entry(cond, self.key)
+        if y is None:
+            raise CondiffError("classifier guidance: no target class (give y, or put cond['y'] in the batch)")
+        return _rows_of(y, x.shape[0], "the classifier's target").to(x.device).long()
 
-    def objective(self, x, t):
+    def objective(self, x, t, cond=None):
         logits = self.classifier(x, t)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         if self.sharpen:
             logits = self.scale * logits
-        return F.log_softmax(logits, dim=-1).gather(1, self._targets(x)[:, None])[:, 0]
+        return F.log_softmax(logits, dim=-1).gather(1, self._targets(x, cond)[:, None])[:, 0]
 
-    def grad(self, x, t):
+    def grad(self, x, t, cond=None):
         if self.sharpen:  # the scale lives inside the softmax (eq 9); no extra factor
-            return scaled_grad(self.objective, x, t, 1.0)
-        return super().grad(x, t)
+            return scaled_grad(self.objective, x, t, 1.0, cond)
+        return super().grad(x, t, cond)
+
+    def config(self) -> dict:
+        return dict(super().config(), sharpen=self.sharpen)
 
 
 class SimilarityTerm(GradientTerm):
-    """Similarity guidance: gamma * grad sim(x_t, y) (eqs 11-14) for any ``sim(x_t, t) -> (B,)``."""
+    """Similarity guidance: gamma * grad sim(x_t, y) (eqs 11-14) for any ``sim(x_t, t, cond) -> (B,)``."""
 
-    def __init__(self, sim: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: float = 1.0,
-                 name: str = "similarity"):
+    def __init__(self, sim: Callable[..., torch.Tensor] | None, scale: float = 1.0, name: str = "similarity"):
         super().__init__(sim, scale, name=name)
 
 
-def _total_grad(terms: Sequence[GradientTerm], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _total_grad(terms: Sequence[GradientTerm], x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
     g = torch.zeros_like(x)
     for term in terms:
-        g = g + term.grad(x, t).to(x.dtype)
+        g = g + term.grad(x, t, cond).to(x.dtype)
     return g
 
 
@@ -155,13 +248,13 @@ class MeanShift:
     """
 
     def __init__(self, terms: Sequence[GradientTerm] | GradientTerm, at: str = "x_t"):
-        if at not in ("x_t", "mu"):
+        if at not in GRAD_AT:
             raise CondiffError(f"gradient location must be x_t or mu, got {at!r}")
         self.terms = [terms] if isinstance(terms, GradientTerm) else list(terms)
         self.at = at
 
     def __call__(self, x_t, t, mu, cond=None):
-        return _total_grad(self.terms, x_t if self.at == "x_t" else mu, t)
+        return _total_grad(self.terms, x_t if self.at == "x_t" else mu, t, cond)
 
 
 class ScoreGuided:
@@ -180,7 +273,7 @@ class ScoreGuided:
         if all(term.scale == 0 for term in self.terms):
             return eps
         _, bbar = self.schedule.gather(t, x)
-        return condition_score(eps, bbar, _total_grad(self.terms, x, t))
+        return condition_score(eps, bbar, _total_grad(self.terms, x, t, cond))
 
 
 class NullBranch:
@@ -232,6 +325,7 @@ class ClassifierFree:
         self.interval = interval
 
     def __call__(self, x, t, cond=None):
+        cond = network_cond(cond)
         if cond is None:
             raise CondiffError("classifier-free guidance needs a condition")
         B = x.shape[0]

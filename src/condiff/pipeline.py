@@ -3,25 +3,32 @@
 This is the library behind ``condiff sample``; everything the CLI does is a call
 here that a user can make from Python::
 
-    from condiff.pipeline import load_diffusion, guided_model, generate
+    from condiff.compose import Guidance, Sampling
+    from condiff.pipeline import load_diffusion, guided_generate
     model, schedule, config = load_diffusion("runs/cfg")
-    eps, shift = guided_model(model, schedule, cfg_w=2.0)
-    x = generate(eps, schedule, n=16, cond=torch.full((16,), 7), steps=50, seed=0)
+    x = guided_generate(model, schedule, 16, Guidance(cfg_w=2.0), Sampling("ddim", steps=50),
+                        shape=config["image_shape"], cond=torch.full((16,), 7), seed=0)
+
+How guidance and model are put together is :mod:`condiff.compose`'s alone.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 
 from .checkpoints import load_model
+from .compose import (DEFAULT_CLIP_X0, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, Guidance, Sampling, compose,
+                      saturation_warning)
 from .errors import CondiffError
-from .guidance import ClassifierFree, ClassifierTerm, GradientTerm, MeanShift, NullBranch, ScoreGuided
-from .samplers import noise, sample
+from .guidance import batch_cond, slice_cond
+from .samplers import SAMPLERS, noise
 from .schedule import Schedule, make_schedule
 
-__all__ = ["resolve_device", "load_diffusion", "load_classifier", "guided_model", "generate"]
+__all__ = ["resolve_device", "load_diffusion", "load_classifier", "generate", "guided_generate", "GuidanceWarning",
+           "warn_if_saturated"]
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -64,74 +71,81 @@ def load_classifier(path, device="cpu", trust_pickle: bool = False):
     return model, config
 
 
-def guided_model(model, schedule: Schedule, *, cfg_w: float | None = None, cfg_interval=None,
-                 cfg_rescale: float = 0.0, unconditional: bool = False,
-                 terms: Sequence[GradientTerm] = (), form: str = "score", grad_at: str = "x_t"):
-    """Compose guidance around ``model``; returns (eps-model, mean_shift or None).
-
-    Args:
-        cfg_w: classifier-free weight w (eq 24); None means no CFG.
-        unconditional: use the null branch phi of a conditional model.
-        terms: gradient terms (classifier, similarity, ...), each with its own scale.
-        form: "score" (eq 19, any sampler) or "mean" (eq 6, ancestral samplers).
-        grad_at: "x_t" (eq 6) or "mu" (eq 7) for the mean form.
-    """
-    if form not in ("score", "mean"):
-        raise CondiffError(f"guidance form must be score or mean, got {form!r}")
-    eps = model
-    if unconditional:
-        if cfg_w:
-            raise CondiffError("classifier-free guidance and --unconditional exclude each other")
-        eps = NullBranch(model)
-    elif cfg_w is not None:
-        eps = ClassifierFree(model, cfg_w, interval=cfg_interval, rescale=cfg_rescale)
-    terms = list(terms)
-    if not terms:
-        return eps, None
-    if form == "score":
-        return ScoreGuided(eps, schedule, terms), None
-    return eps, MeanShift(terms, at=grad_at)
-
-
-def generate(model, schedule: Schedule, n: int, *, shape: Sequence[int], cond=None, sampler: str = "ddim",
-             steps: int | Sequence[int] | None = 50, eta: float = 0.0, variance: str = "ddpm",
-             mean_shift=None, seed: int = 0, batch_size: int = 256, device="cpu", clip_x0: float | None = 1.0,
-             progress: bool = False, start: int = 0) -> torch.Tensor:
-    """Sample ``n`` images of ``shape`` (C, H, W) in batches.
+def generate(model, schedule: Schedule, n: int, *, shape: Sequence[int], cond=None, sampler: str = DEFAULT_SAMPLER,
+             steps: int | Sequence[int] | None = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING,
+             clip_x0: float | None = DEFAULT_CLIP_X0, threshold: float | None = None, mean_shift=None, seed: int = 0,
+             batch_size: int = 256, device="cpu", progress: bool = False, start: int = 0,
+             **options) -> torch.Tensor:
+    """Sample ``n`` images of ``shape`` (C, H, W) in batches with solver ``sampler``.
 
     Batch b (of ``batch_size``) draws x_T and its step noise from a generator seeded
     by (seed, b), so any split of the batches (e.g. across ranks, via ``start``)
-    gives the same images.  ``cond`` is None, an int, or a (n,) tensor.
+    gives the same images.  ``cond`` is None, an int, a (n,) tensor, or a dict of
+    per-row entries (``{"y": classes, "text": (n, D), ...}``, see
+    :func:`condiff.guidance.batch_cond`); each batch gets its rows.
 
-    ``clip_x0`` (default 1) clamps the predicted x_0 to the data range [-1, 1] at
-    every step; 0 or None turns it off.  Without it, the first steps of a schedule
-    whose abar_{T-1} is tiny (cosine: 5e-5) amplify small eps errors into saturated
-    pixels.
+    ``options`` are the solver's own (``eta=`` for ddim, ``variance=`` for ddpm;
+    :func:`condiff.compose.solver_options`); ``sampler``, ``steps``, ``spacing``,
+    ``clip_x0`` and ``threshold`` are :class:`condiff.compose.Sampling`'s fields
+    (``**Sampling(...).kwargs()`` passes them all).  ``clip_x0`` (default 1) clamps
+    the predicted x_0 to the data range at every step; 0 or None turns it off.
     """
     if n < 1:
         raise CondiffError(f"number of samples must be >= 1, got {n}")
     if batch_size < 1:
         raise CondiffError(f"batch size must be >= 1, got {batch_size}")
-    if sampler not in ("ddim", "ddpm"):
-        raise CondiffError(f"unknown sampler {sampler!r} (choose ddim or ddpm)")
-    kind = "ddim" if sampler == "ddim" else variance
-    if mean_shift is not None and sampler == "ddim" and eta == 0:
-        raise CondiffError("mean-shift guidance needs sigma_t > 0: use --sampler ddpm, --eta > 0 or --form score")
-    if cond is not None:
-        cond = torch.as_tensor(cond)
-        if cond.dim() == 0:
-            cond = cond.expand(n)
-        elif cond.dim() == 1 and cond.dtype.is_floating_point:
-            cond = cond.expand(n, -1)
-        if cond.shape[0] != n:
-            raise CondiffError(f"cond has {cond.shape[0]} rows for {n} samples")
+    sampling = Sampling(sampler, steps, spacing, clip_x0 or None, threshold, options)
+    sampling.validate(schedule, mean_shift=mean_shift is not None)
+    cond = batch_cond(cond, n)
+    solver = SAMPLERS[sampler]
+    extra = dict(options)
+    if spacing != DEFAULT_SPACING:
+        extra["spacing"] = spacing
+    if threshold is not None:
+        extra["threshold"] = threshold
+    if mean_shift is not None:
+        extra["mean_shift"] = mean_shift
     out = []
     batches = range(start // batch_size, -(-(start + n) // batch_size))
     for b in batches:
         lo, hi = max(b * batch_size, start), min((b + 1) * batch_size, start + n)
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
         x = noise((batch_size, *shape), g)[lo - b * batch_size:hi - b * batch_size].to(device)
-        c = cond[lo - start:hi - start].to(device) if cond is not None else None
-        out.append(sample(model, x, schedule, steps, variance=kind, eta=eta, cond=c, generator=g,
-                          mean_shift=mean_shift, clip_x0=clip_x0 or None, progress=progress).cpu())
+        c = slice_cond(cond, lo - start, hi - start, device)
+        try:
+            x = solver(model, x, schedule, steps, cond=c, generator=g, clip_x0=clip_x0 or None, progress=progress,
+                       **extra)
+        except TypeError as e:  # a contract option this solver does not implement yet (threshold, spacing)
+            if "unexpected keyword argument" not in str(e):
+                raise
+            name = str(e).rsplit("argument", 1)[-1].strip(" '")
+            raise CondiffError(f"sampler {sampler} does not support {name} yet") from None
+        out.append(x.cpu())
     return torch.cat(out)
+
+
+def guided_generate(model, schedule: Schedule, n: int, guidance: Guidance | None = None,
+                    sampling: Sampling | None = None, *, shape: Sequence[int], cond=None, seed: int = 0,
+                    batch_size: int = 256, device="cpu", progress: bool = False) -> torch.Tensor:
+    """:func:`condiff.compose.compose` then :func:`generate`: ``n`` guided images in one call.
+
+    A saturated result (a guidance scale or eta far too large) gives a
+    :class:`GuidanceWarning` (:func:`condiff.compose.saturation_warning`).
+    """
+    sampling = sampling or Sampling()
+    eps, shift = compose(model, schedule, guidance, sampling)
+    x = generate(eps, schedule, n, shape=shape, cond=cond, mean_shift=shift, seed=seed, batch_size=batch_size,
+                 device=device, progress=progress, **sampling.kwargs())
+    warn_if_saturated(x)
+    return x
+
+
+class GuidanceWarning(UserWarning):
+    """Guidance drove the samples to saturation (all black or white)."""
+
+
+def warn_if_saturated(x: torch.Tensor) -> None:
+    """Warn (:class:`GuidanceWarning`) when :func:`condiff.compose.saturation_warning` finds saturated images."""
+    message = saturation_warning(x)
+    if message:
+        warnings.warn(message, GuidanceWarning, stacklevel=3)

@@ -11,20 +11,24 @@ reference sets (:class:`~condiff.evaluation.Evaluator`), and writes
     samples-scale-S.npz                     the samples (uint8), labels, settings; reused when settings match
 
 Guidance families are entries of :data:`METHODS`: a function
-``builder(ctx, scale, labels) -> (model, cond, terms)`` that, for the target classes
-``labels`` (B,) of one sampling batch, returns the eps-model to sample, the
-condition passed to it (or None) and the gradient terms (classifier, similarity)
-applied in score form (eq 19) or as a mean shift (eq 6).  Another module adds a
-family with ``METHODS["text"] = builder`` (or by defining ``SWEEP_METHODS`` in
+``builder(ctx, scale, labels) -> (guidance, cond)`` that, for the target classes
+``labels`` (N,) of every sample, returns a :class:`~condiff.compose.Guidance` and the
+batch condition (``{"y": labels, ...}``: per-row targets travel with their rows),
+which :func:`condiff.compose.compose` turns into what the solver takes.  A builder
+may list the ``--option`` keys it reads in ``builder.option_keys`` (a regular
+expression per key); any other key is an error.  Another module adds a family with
+``METHODS["text"] = builder`` (or by defining ``SWEEP_METHODS`` in
 ``condiff.similarity``, which is looked up when a method is not found here).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +40,15 @@ import torch
 from .checkpoints import atomic_write_text
 from .data import NPZ_READ_ERRORS
 from .errors import CondiffError
-from .guidance import ClassifierFree, ClassifierTerm, GradientTerm, NullBranch
+from .compose import DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, Sampling, compose
+from .guidance import ClassifierTerm
 from .images import save_grid, save_npz
-from .pipeline import generate, guided_model, load_classifier
+from .pipeline import generate, load_classifier, warn_if_saturated
 from .plots import Panel, Series, save_panels
 from .schedule import Schedule
 
-__all__ = ["SweepContext", "METHODS", "get_method", "sweep_labels", "sample_at_scale", "run_sweep",
-           "write_tables", "run_sweep_cli"]
+__all__ = ["SweepContext", "METHODS", "get_method", "check_options", "sweep_labels", "sample_at_scale", "run_sweep",
+           "write_tables", "sweep_checkpoint"]
 
 #: Scale meaning per method, for table headers.
 SCALE_NAMES = {"classifier": "gamma (eq 8)", "cfg": "w (eq 24; diffusers' guidance_scale = 1 + w)"}
@@ -71,11 +76,12 @@ class SweepContext:
         return bool(getattr(self.model, "conditional", False))
 
 
-Builder = Callable[[SweepContext, float, torch.Tensor], tuple[Callable, object, list[GradientTerm]]]
+Builder = Callable[[SweepContext, float, torch.Tensor], tuple[Guidance, object]]
 
 
 def _classifier_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
-    """Classifier guidance (eqs 6-8, 19) with scale gamma on the unconditional model (or the null branch)."""
+    """Classifier guidance (eqs 6-8, 19) with scale gamma on the unconditional model (or the null branch);
+    each row's class is cond["y"]."""
     if "classifier" not in ctx.cache:
         path = ctx.options.get("classifier")
         if not path:
@@ -85,19 +91,37 @@ def _classifier_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
         if names and ctx.class_names and names != ctx.class_names:
             raise CondiffError(f"{path}: the classifier's classes differ from the model's")
         ctx.cache["classifier"] = clf
-    sharpen = str(ctx.options.get("sharpen", "")).lower() in ("1", "true", "yes")
-    eps = NullBranch(ctx.model) if ctx.conditional else ctx.model
-    return eps, None, [ClassifierTerm(ctx.cache["classifier"], labels, scale, sharpen=sharpen)]
+    sharpen = str(ctx.options.get("sharpen", "")).lower()
+    if sharpen not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise CondiffError(f"--option sharpen must be true or false, got {sharpen!r}")
+    term = ClassifierTerm(ctx.cache["classifier"], None, scale, sharpen=sharpen in ("1", "true", "yes"))
+    return Guidance(unconditional=ctx.conditional, terms=[term]), {"y": labels}
+
+
+_classifier_method.option_keys = ("classifier", "sharpen")
 
 
 def _cfg_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
     """Classifier-free guidance (eq 24) with the article's weight w = scale."""
     if not ctx.conditional:
         raise CondiffError("method cfg needs a conditional model trained with a null condition")
-    return ClassifierFree(ctx.model, scale), labels, []
+    return Guidance(cfg_w=scale), {"y": labels}
 
+
+_cfg_method.option_keys = ()
 
 METHODS: dict[str, Builder] = {"classifier": _classifier_method, "cfg": _cfg_method}
+
+
+def check_options(method: str, options: dict) -> None:
+    """Every ``--option`` key must be one the method reads (``builder.option_keys``); one line otherwise."""
+    keys = getattr(get_method(method), "option_keys", None)
+    if keys is None:  # a builder that does not say: anything goes
+        return
+    unknown = sorted(k for k in options if not any(re.fullmatch(pattern, k) for pattern in keys))
+    if unknown:
+        known = ", ".join(k.replace(r"\d+", "K") for k in keys) or "none"
+        raise CondiffError(f"method {method} has no option {', '.join(unknown)} (its options: {known})")
 
 
 def get_method(name: str) -> Builder:
@@ -122,21 +146,24 @@ def sweep_labels(n: int, classes: list[int]) -> torch.Tensor:
     return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long)
 
 
-def sample_at_scale(ctx: SweepContext, builder: Builder, scale: float, labels: torch.Tensor, *, steps=50,
-                    sampler: str = "ddim", eta: float = 0.0, form: str = "score", seed: int = 0,
-                    batch_size: int = 250, progress: bool = False) -> torch.Tensor:
+def _guidance_at(ctx: SweepContext, builder: Builder, scale: float, labels: torch.Tensor, form: str):
+    guidance, cond = builder(ctx, scale, labels)
+    if form != guidance.form:
+        if not guidance.terms:
+            raise CondiffError("--form applies to gradient guidance (classifier, text, image), not to this method")
+        guidance = dataclasses.replace(guidance, form=form)
+    return guidance, cond
+
+
+def sample_at_scale(ctx: SweepContext, builder: Builder, scale: float, labels: torch.Tensor, *,
+                    sampling: Sampling | None = None, form: str = "score", seed: int = 0, batch_size: int = 250,
+                    progress: bool = False) -> torch.Tensor:
     """Samples (N, C, H, W) for ``labels`` at one scale; batch b uses the noise of seed (seed, b) at every scale."""
-    out = []
-    n = len(labels)
-    for lo in range(0, n, batch_size):
-        hi = min(lo + batch_size, n)
-        y = labels[lo:hi].to(ctx.device)
-        model, cond, terms = builder(ctx, scale, y)
-        eps, shift = guided_model(model, ctx.schedule, terms=terms, form=form)
-        out.append(generate(eps, ctx.schedule, hi - lo, shape=ctx.shape, cond=cond, sampler=sampler, steps=steps,
-                            eta=eta, mean_shift=shift, seed=seed, batch_size=batch_size, device=ctx.device,
-                            start=lo, progress=progress))
-    return torch.cat(out)
+    sampling = sampling or Sampling()
+    guidance, cond = _guidance_at(ctx, builder, scale, labels, form)
+    eps, shift = compose(ctx.model, ctx.schedule, guidance, sampling)
+    return generate(eps, ctx.schedule, len(labels), shape=ctx.shape, cond=cond, mean_shift=shift, seed=seed,
+                    batch_size=batch_size, device=ctx.device, progress=progress, **sampling.kwargs())
 
 
 def _tag(scale: float) -> str:
@@ -163,9 +190,9 @@ def _grid_indices(labels: torch.Tensor, classes: list[int], per_class: int = 10)
 
 
 def run_sweep(ctx: SweepContext, method: str, scales: list[float], n: int, out_dir: str | Path, evaluator, *,
-              classes: list[int] | None = None, steps=50, sampler: str = "ddim", eta: float = 0.0,
-              form: str = "score", seed: int = 0, batch_size: int = 250, progress: bool = False,
-              source: str = "", log: Callable[[str], None] | None = None) -> dict:
+              classes: list[int] | None = None, sampling: Sampling | None = None, form: str = "score", seed: int = 0,
+              batch_size: int = 250, progress: bool = False, source: str = "",
+              log: Callable[[str], None] | None = None) -> dict:
     """Sample ``n`` images at each scale with ``method``, evaluate each set, write every output file.
 
     Args:
@@ -180,16 +207,25 @@ def run_sweep(ctx: SweepContext, method: str, scales: list[float], n: int, out_d
         the dict written to results.json (``settings``, ``rows``, ``real``).
     """
     builder = get_method(method)
+    check_options(method, ctx.options)
+    sampling = sampling or Sampling()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     classes = list(range(len(ctx.class_names))) if classes is None else list(classes)
     labels = sweep_labels(n, classes)
     if n < 2 * len(classes) or n <= max(evaluator.k_pr, evaluator.k_dc):
         raise CondiffError(f"--n {n} is too small: need at least 2 samples per class and more than "
                            f"{max(evaluator.k_pr, evaluator.k_dc)} in all")
-    settings = {"method": method, "n": n, "classes": [ctx.class_names[c] for c in classes], "steps": steps,
-                "sampler": sampler, "eta": eta, "form": form, "seed": seed, "model": source,
-                "options": {k: str(v) for k, v in sorted(ctx.options.items())}}
+    if not scales:
+        raise CondiffError("a sweep needs at least one scale")
+    for scale in scales:  # every setting checked (networks loaded, solver and form) before the folder exists
+        guidance, _ = _guidance_at(ctx, builder, scale, labels[:1], form)
+        compose(ctx.model, ctx.schedule, guidance, sampling)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"method": method, "n": n, "classes": [ctx.class_names[c] for c in classes], "steps": sampling.steps,
+                "sampler": sampling.sampler, "eta": sampling.options.get("eta", 0.0), "form": form, "seed": seed,
+                "model": source, "options": {k: str(v) for k, v in sorted(ctx.options.items())}}
+    if sampling.spacing != "linspace" or sampling.threshold is not None or set(sampling.options) - {"eta"}:
+        settings["sampling"] = sampling.config()  # keys the cache too; absent for the settings of earlier sweeps
     rows = []
     for scale in scales:
         tag = _tag(scale)
@@ -200,8 +236,9 @@ def run_sweep(ctx: SweepContext, method: str, scales: list[float], n: int, out_d
             x, seconds = cached
         else:
             t0 = time.perf_counter()
-            x = sample_at_scale(ctx, builder, scale, labels, steps=steps, sampler=sampler, eta=eta, form=form,
-                                seed=seed, batch_size=batch_size, progress=progress)
+            x = sample_at_scale(ctx, builder, scale, labels, sampling=sampling, form=form, seed=seed,
+                                batch_size=batch_size, progress=progress)
+            warn_if_saturated(x)
             seconds = time.perf_counter() - t0
             save_npz(npz, x, labels, meta=np.array(meta), seconds=np.array(seconds),
                      class_names=np.array(ctx.class_names))
@@ -309,22 +346,33 @@ def write_tables(result: dict, out_dir: str | Path) -> list[Path]:
     return [out / n for n in ("results.json", "results.csv", "results.md", "sweep.png")]
 
 
-# ------------------------------------------------------------------------------------------- CLI
-def run_sweep_cli(args, device) -> int:
-    """``condiff sweep``: load the model, judge and real data, run the sweep, print the table."""
+# ------------------------------------------------------------------------------------------- from files
+def sweep_checkpoint(ckpt, method: str, scales: list[float], n: int, out_dir, *, judge=None, data=None,
+                     classes: list | None = None, options: dict | None = None, classifier=None,
+                     sampling: Sampling | None = None, form: str = "score", seed: int = 0, batch_size: int = 250,
+                     device="cpu", progress: bool = False, log: Callable[[str], None] | None = print) -> dict:
+    """:func:`run_sweep` from files: load the model, the judge and the real data, check everything, sweep.
+
+    ``classes`` are names or indices (default: all); ``classifier`` a checkpoint for method
+    classifier; ``options`` the method's other settings.  Nothing is written before every
+    argument has been checked.
+    """
     from .checkpoints import resolve_checkpoint
     from .data import resolve_class
     from .evaluation import Evaluator, load_judge, load_real_data
     from .pipeline import load_diffusion
-    from .schedule import respace
 
-    get_method(args.method)  # unknown method: fail before loading anything
-    model, schedule, config = load_diffusion(args.ckpt, device)
-    respace(schedule, args.steps)
+    options = dict(options or {})
+    if classifier:  # the resolved step-N folder: cached samples are keyed by it
+        options["classifier"] = str(resolve_checkpoint(classifier))
+    check_options(method, options)  # unknown method or option: fail before loading anything
+    sampling = sampling or Sampling()
+    model, schedule, config = load_diffusion(ckpt, device)
+    sampling.validate(schedule)
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
     names = config.get("class_names") or []
-    judge, jconf = load_judge(args.judge, device)
-    jshape = tuple(jconf.get("image_shape") or (judge.in_channels, judge.image_size, judge.image_size))
+    judge_net, jconf = load_judge(judge, device)
+    jshape = tuple(jconf.get("image_shape") or (judge_net.in_channels, judge_net.image_size, judge_net.image_size))
     if jshape != shape:
         raise CondiffError(f"the model makes {'x'.join(map(str, shape))} images, the judge takes "
                            f"{'x'.join(map(str, jshape))}")
@@ -332,16 +380,10 @@ def run_sweep_cli(args, device) -> int:
     if names and jnames and names != jnames:
         raise CondiffError("the judge's classes differ from the model's")
     names = names or jnames
-    classes = [resolve_class(c, names) for c in args.classes] if args.classes else None
-    options = dict(args.options)
-    if args.classifier:  # the resolved step-N folder: cached samples are keyed by it
-        options["classifier"] = str(resolve_checkpoint(args.classifier))
-    train_data, test_data = load_real_data(args.data if args.data is not None else jconf.get("data"), shape)
-    evaluator = Evaluator(judge, train_data, test_data, jnames or names, device=device, seed=args.seed)
+    classes = [resolve_class(c, names) for c in classes] if classes else None
+    train_data, test_data = load_real_data(data if data is not None else jconf.get("data"), shape)
+    evaluator = Evaluator(judge_net, train_data, test_data, jnames or names, device=device, seed=seed)
     ctx = SweepContext(model, schedule, shape, names, device, options)
-    run_sweep(ctx, args.method, args.scales, args.n, args.out, evaluator, classes=classes, steps=args.steps,
-              sampler=args.sampler, eta=args.eta, form=args.form, seed=args.seed, batch_size=args.batch_size,
-              progress=not args.no_progress, source=str(resolve_checkpoint(args.ckpt)), log=print)
-    print((Path(args.out) / "results.md").read_text())
-    print(f"wrote {args.out}/results.{{md,csv,json}}, sweep.png, grid-scale-*.png, samples-scale-*.npz")
-    return 0
+    return run_sweep(ctx, method, scales, n, out_dir, evaluator, classes=classes, sampling=sampling, form=form,
+                     seed=seed, batch_size=batch_size, progress=progress, source=str(resolve_checkpoint(ckpt)),
+                     log=log)

@@ -1,6 +1,6 @@
 """Similarity guidance (article eqs 11-15): steer a model by a reference image, a text prompt or a style.
 
-* :mod:`.terms`     ImageSimilarity, TextSimilarity, StyleSimilarity: guidance terms for
+* :mod:`.terms`     ImageSimilarity, TextSimilarity, StyleSimilarity (and similarity_guidance: terms from files) for
                     :class:`~condiff.guidance.ScoreGuided` / :class:`~condiff.guidance.MeanShift`;
 * :mod:`.tasks`     training of the encoders E1 (noise-aware) and E2 (clean), SDG's recipe;
 * :mod:`.text`      the pretrained text encoder (all-MiniLM-L6-v2, extra ``condiff[text]``);
@@ -8,7 +8,7 @@
 * :mod:`.commands`  ``condiff train-encoder`` and the similarity flags of ``condiff sample``;
 * :mod:`.sweep_methods`  ``condiff sweep --method text|image`` (:data:`SWEEP_METHODS`).
 
-Any differentiable ``sim(x_t, t) -> (B,)`` is a term already: ``SimilarityTerm(sim, scale)``.
+Any differentiable ``sim(x_t, t, cond) -> (B,)`` is a term already: ``SimilarityTerm(sim, scale)``.
 """
 
 from ..guidance import SimilarityTerm

@@ -15,17 +15,16 @@ from pathlib import Path
 from ..errors import CondiffError
 from ..validation import float_range, int_range, nonneg_float
 from .tasks import DEFAULT_ALIGN
-from .terms import DEFAULT_IMAGE_PRIOR, DEFAULT_TEXT_PRIOR
+from .terms import DEFAULT_IMAGE_PRIOR, DEFAULT_SCALES, DEFAULT_TEXT_PRIOR
 
 EQS = "Article eqs 11-15: mean shift sigma_t^2 * gamma * grad sim(x_t, y), sim = cos(E1(x_t), E2(y))."
-DEFAULT_SCALES = {"text": 100.0, "image": 100.0, "style": 10.0}  # tuned on Fashion-MNIST (docs/similarity.md)
 DEFAULT_TAU = {"image": 0.1, "text": 0.07}
 
 
 # ----------------------------------------------------------------------------- train-encoder
-def add_train_encoder_parser(sub, add_train_common, epilog: str) -> argparse.ArgumentParser:
-    """Register ``condiff train-encoder`` on the subparsers ``sub``."""
-    from ..cli import _pos_int
+def add_train_encoder_parser(sub, add_train_common, helpers) -> argparse.ArgumentParser:
+    """Register ``condiff train-encoder`` on the subparsers ``sub`` (``helpers``: :class:`condiff.cli.CliHelpers`)."""
+    _pos_int, epilog = helpers.pos_int, helpers.epilog
 
     p = sub.add_parser(
         "train-encoder", help="train the encoders of similarity guidance (image: E1 and E2; text: E1 + projection)",
@@ -52,7 +51,7 @@ def add_train_encoder_parser(sub, add_train_common, epilog: str) -> argparse.Arg
                         f"added to the contrastive loss (default {DEFAULT_ALIGN:g}; 0 = contrastive only)")
     p.add_argument("--init", default=None,
                    help="text: initialise E1 from this image-encoder checkpoint (same --channels/--blocks/--dim)")
-    p.set_defaults(func=cmd_train_encoder)
+    p.set_defaults(func=cmd_train_encoder, helpers=helpers)
     return p
 
 
@@ -63,12 +62,10 @@ _shift = int_range(0, 8, "a shift in pixels")  # the shared integer-range parser
 
 def _held_out(args, data):
     """The test split when the data has one (Fashion-MNIST), else the training data."""
-    from ..cli import _load_data
-
     is_idx = args.data is None or (Path(args.data).is_dir() and any(Path(args.data).glob("t10k-*")))
     if is_idx:
         try:
-            return _load_data(args, "test")
+            return args.helpers.load_data(args, "test")
         except CondiffError:
             pass
     return data
@@ -77,7 +74,6 @@ def _held_out(args, data):
 def cmd_train_encoder(args) -> int:
     import torch.nn.functional as F
 
-    from ..cli import _load_data, _train_config
     from ..pipeline import resolve_device
     from ..schedule import make_schedule
     from ..training import classifier_accuracy_by_t
@@ -89,6 +85,7 @@ def cmd_train_encoder(args) -> int:
     if args.kind == "image" and args.init:
         raise CondiffError("--init applies to --kind text (E1 of an image encoder as the starting point)")
     device = resolve_device(args.device)
+    _load_data, _train_config = args.helpers.load_data, args.helpers.train_config
     data = _load_data(args)
     schedule = make_schedule(args.schedule, args.T)
     if args.t_max is not None and not 1 <= args.t_max <= schedule.T:  # before any output is written
@@ -165,55 +162,28 @@ def add_similarity_sample_args(p: argparse.ArgumentParser) -> None:
                                                          "(default: --image-encoder)")
 
 
-def _reference(args, shape):
-    from ..data import load_dataset
-    from ..images import load_image
+def similarity_terms(args, schedule, shape, device) -> tuple[list, dict]:
+    """The flags of similarity guidance checked, then :func:`~.terms.similarity_guidance`: (terms, cond)."""
+    from .terms import similarity_guidance
 
-    C, H, _ = shape
-    if args.image is not None and args.image_index is not None:
-        raise CondiffError("give --image FILE or --image-index N, not both")
-    if args.image is not None:
-        return load_image(args.image, H, C)
-    data = load_dataset(args.ref_data, "test", size=H, channels=C)
-    n = len(data)
-    if not 0 <= args.image_index < n:
-        raise CondiffError(f"--image-index {args.image_index} out of range 0..{n - 1}")
-    if data.shape != tuple(shape):
-        raise CondiffError(f"--ref-data images are {'x'.join(map(str, data.shape))}, the model makes "
-                           f"{'x'.join(map(str, shape))}")
-    return data.images[args.image_index]
-
-
-def _encoder(path, kind, shape, device, trust_pickle):
-    from .terms import load_encoder
-
-    enc, _ = load_encoder(path, kind, device, trust_pickle)
-    if (enc.in_channels, enc.image_size) != (shape[0], shape[1]):
-        raise CondiffError(f"{path}: encoder for {enc.in_channels}x{enc.image_size}x{enc.image_size} images, "
-                           f"the model makes {'x'.join(map(str, shape))}")
-    return enc
-
-
-def similarity_terms(args, schedule, shape, device) -> list:
-    """The guidance terms that the similarity flags of ``condiff sample`` ask for."""
-    from .terms import ImageSimilarity, StyleSimilarity, TextSimilarity
-
-    def scale(kind, given):
+    has_image = args.image is not None or args.image_index is not None
+    for kind, given in (("text", args.text is not None), ("image", has_image), ("style", args.style is not None)):
         if getattr(args, f"{kind}_scale") is not None and not given:
             raise CondiffError(f"--{kind}-scale needs --{kind}" + (" or --image-index" if kind == "image" else ""))
-        v = getattr(args, f"{kind}_scale")
-        return DEFAULT_SCALES[kind] if v is None else v
-
-    terms = []
-    has_image = args.image is not None or args.image_index is not None
-    s_text, s_image, s_style = scale("text", args.text is not None), scale("image", has_image), \
-        scale("style", args.style is not None)
+    if args.image is not None and args.image_index is not None:
+        raise CondiffError("give --image FILE or --image-index N, not both")
     if args.image_index is None and args.ref_data is not None:
         raise CondiffError("--ref-data applies to --image-index")
     if args.text_prior is not None and args.text is None:
         raise CondiffError("--text-prior needs --text")
     if args.image_prior is not None and not has_image:
         raise CondiffError("--image-prior needs --image or --image-index")
+    if args.text_encoder and args.text is None:
+        raise CondiffError("--text-encoder applies to --text")
+    if args.style_encoder and args.style is None:
+        raise CondiffError("--style-encoder applies to --style")
+    if args.image_encoder and not (has_image or (args.style is not None and not args.style_encoder)):
+        raise CondiffError("--image-encoder applies to --image, --image-index or --style")
     if getattr(args, "use_shipped", False):  # the shipped eps-model: the shipped encoders are the defaults
         from ..zoo import shipped
 
@@ -221,25 +191,9 @@ def similarity_terms(args, schedule, shape, device) -> list:
             args.text_encoder = str(shipped("text-encoder"))
         if (has_image or args.style is not None) and not (args.image_encoder or args.style_encoder):
             args.image_encoder = str(shipped("image-encoder"))
-    if args.text is not None:
-        if not args.text_encoder:
-            raise CondiffError("--text needs --text-encoder CKPT (condiff train-encoder --kind text)")
-        from .text import load_text_encoder
-
-        enc = _encoder(args.text_encoder, "text", shape, device, args.trust_pickle)
-        terms.append(TextSimilarity.from_prompt(enc, args.text, s_text, load_text_encoder(device),
-                                                prior=args.text_prior))
-    if has_image:
-        if not args.image_encoder:
-            raise CondiffError("--image/--image-index need --image-encoder CKPT (condiff train-encoder --kind image)")
-        enc = _encoder(args.image_encoder, "image", shape, device, args.trust_pickle)
-        terms.append(ImageSimilarity.from_encoder(enc, _reference(args, shape), s_image, prior=args.image_prior))
-    if args.style is not None:
-        path = args.style_encoder or args.image_encoder
-        if not path:
-            raise CondiffError("--style needs --style-encoder or --image-encoder CKPT")
-        from ..images import load_image
-
-        enc = _encoder(path, None, shape, device, args.trust_pickle)
-        terms.append(StyleSimilarity.from_encoder(enc, load_image(args.style, shape[1], shape[0]), s_style, schedule))
-    return terms
+    return similarity_guidance(shape, schedule, device, text=args.text, text_encoder=args.text_encoder,
+                               text_scale=args.text_scale, text_prior=args.text_prior, image=args.image,
+                               image_index=args.image_index, ref_data=args.ref_data, image_encoder=args.image_encoder,
+                               image_scale=args.image_scale, image_prior=args.image_prior, style=args.style,
+                               style_encoder=args.style_encoder, style_scale=args.style_scale,
+                               trust_pickle=args.trust_pickle)

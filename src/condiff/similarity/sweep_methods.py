@@ -1,9 +1,9 @@
 """Similarity guidance as ``condiff sweep`` families (``--method text`` / ``--method image``).
 
 Each builder follows :data:`condiff.sweep.METHODS`: ``builder(ctx, scale, labels) ->
-(model, cond, terms)``; the target class k of a sample becomes a condition y that
-similarity guidance (eqs 11-15) steers to, on the unconditional model (or the null
-branch of a conditional one):
+(guidance, cond)``; the target class k of a sample becomes a per-row target
+(``cond["text"]`` / ``cond["image"]``) that similarity guidance (eqs 11-15) steers to,
+on the unconditional model (or the null branch of a conditional one):
 
 * ``text``:  y = the prompt ``--option promptK=...`` or "a photo of <k's first synonym>";
   needs ``--option text_encoder=CKPT``;
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..compose import Guidance
 from ..errors import CondiffError
-from ..guidance import NullBranch
 from .captions import class_phrases
 from .terms import EmbeddingSimilarity, ImageSimilarity, TextSimilarity, load_encoder, text_target
 
@@ -39,8 +39,6 @@ def _number(ctx, key: str) -> float | None:
         raise CondiffError(f"{key} must be a number, got {value!r}") from None
 
 
-def _unconditional(ctx):
-    return NullBranch(ctx.model) if ctx.conditional else ctx.model
 
 
 def _text_method(ctx, scale: float, labels: torch.Tensor):
@@ -59,7 +57,11 @@ def _text_method(ctx, scale: float, labels: torch.Tensor):
         prior = _number(ctx, "text_prior")
         ctx.cache["text"] = (enc, text_target(enc, load_text_encoder(ctx.device).encode(prompts), prior))
     enc, emb = ctx.cache["text"]
-    return _unconditional(ctx), None, [TextSimilarity(lambda x, t: enc(x, t, "text"), emb[labels], scale)]
+    term = TextSimilarity(lambda x, t: enc(x, t, "text"), None, scale)  # each row's target: cond["text"]
+    return Guidance(unconditional=ctx.conditional, terms=[term]), {"y": labels, "text": emb[labels.cpu()]}
+
+
+_text_method.option_keys = ("text_encoder", "text_prior", r"prompt\d+")
 
 
 def _image_method(ctx, scale: float, labels: torch.Tensor):
@@ -90,9 +92,13 @@ def _image_method(ctx, scale: float, labels: torch.Tensor):
             refs.append(data.images[i])
         ctx.cache["image"] = ImageSimilarity.from_encoder(enc, torch.stack(refs), 1.0,
                                                           prior=_number(ctx, "image_prior"))
-    ref = ctx.cache["image"]  # one target per class, then one per sample
-    term = EmbeddingSimilarity(ref.e1, ref.target[labels.to(ref.target.device)], scale, name="image")
-    return _unconditional(ctx), None, [term]
+    ref = ctx.cache["image"]  # one target per class, then one per sample: cond["image"]
+    term = EmbeddingSimilarity(ref.e1, None, scale, name="image")
+    return (Guidance(unconditional=ctx.conditional, terms=[term]),
+            {"y": labels, "image": ref.target[labels.to(ref.target.device)]})
+
+
+_image_method.option_keys = ("image_encoder", "image_prior", "ref_data", r"ref\d+")
 
 
 SWEEP_METHODS = {"text": _text_method, "image": _image_method}

@@ -1,6 +1,6 @@
 """Similarity guidance terms (eqs 11-15): image, text and style.
 
-Each term is a :class:`~condiff.guidance.SimilarityTerm` whose ``sim(x_t, t) -> (B,)``
+Each term is a :class:`~condiff.guidance.SimilarityTerm` whose ``sim(x_t, t, cond) -> (B,)``
 is one of the article's similarities; the gradient, its scale gamma and the
 factors sigma_t^2 (mean shift, eq 14) or bbar_t (score form, eq 19) all come from
 :mod:`condiff.guidance`, so every term works with :class:`MeanShift` and
@@ -13,8 +13,13 @@ factors sigma_t^2 (mean shift, eq 14) or bbar_t (score form, eq 19) all come fro
 * :class:`StyleSimilarity`  sim = -sum_l ||G^_l(x_t) - G^_l(style)||^2, unit-norm Gram matrices G^ of
   encoder feature maps (the article's remark under eq 15 on style transfer).
 
-Any other differentiable ``sim(x_t, t) -> (B,)`` is a term as it is:
+Any other differentiable ``sim(x_t, t, cond) -> (B,)`` is a term as it is:
 ``SimilarityTerm(sim, scale)``.
+
+Per-row targets: a term built without a target (``target=None``) reads each row's
+target from the batch condition, ``cond["text"]`` (TextSimilarity) or ``cond["image"]``
+(ImageSimilarity), (B, D) rows that :func:`condiff.pipeline.generate` slices with the
+batch (see :func:`condiff.guidance.cond_entry`).
 """
 
 from __future__ import annotations
@@ -25,16 +30,18 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CondiffError
-from ..guidance import SimilarityTerm
+from ..guidance import SimilarityTerm, cond_entry
 from ..schedule import Schedule
 from .captions import caption_prior, centre
 
-__all__ = ["DEFAULT_TEXT_PRIOR", "DEFAULT_IMAGE_PRIOR", "EmbeddingSimilarity", "ImageSimilarity", "TextSimilarity",
+__all__ = ["DEFAULT_SCALES", "DEFAULT_TEXT_PRIOR", "DEFAULT_IMAGE_PRIOR", "EmbeddingSimilarity", "ImageSimilarity", "TextSimilarity",
            "text_target", "prototype_prior",
-           "StyleSimilarity", "gram", "gram_distance", "cosine", "load_encoder"]
+           "StyleSimilarity", "gram", "gram_distance", "cosine", "load_encoder", "encoder_for", "reference_image",
+           "similarity_guidance"]
 
 DEFAULT_TEXT_PRIOR = 0.25  # temperature of caption_prior (docs/similarity.md: held-out prompts)
 DEFAULT_IMAGE_PRIOR = 1.0  # weight of prototype_prior (docs/similarity.md: 200 random references)
+DEFAULT_SCALES = {"text": 100.0, "image": 100.0, "style": 10.0}  # gamma, tuned on Fashion-MNIST (docs/similarity.md)
 
 Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -58,25 +65,37 @@ def _batched(image: torch.Tensor) -> torch.Tensor:
 
 
 class EmbeddingSimilarity(SimilarityTerm):
-    """sim(x_t, y) = cos(E1(x_t, t), e_y) for a fixed condition embedding e_y = E2(y) (eq 15).
+    """sim(x_t, y) = cos(E1(x_t, t), e_y) for a condition embedding e_y = E2(y) (eq 15).
 
     Args:
         e1: the noise-aware encoder, ``e1(x_t, t) -> (B, D)``.
-        target: e_y, (D,), (1, D) or (B, D) (one condition per sample).
+        target: e_y, (D,) or (1, D) for every row, (B, D) for a batch of exactly B rows,
+            or None: each row's e_y is read from the batch condition, ``cond[key]`` (B, D).
         scale: gamma (eq 14).
+        key: the entry of the batch condition holding per-row targets (default: ``name``).
     """
 
-    def __init__(self, e1: Embed, target: torch.Tensor, scale: float = 1.0, name: str = "similarity"):
-        target = _at_least_f32(torch.as_tensor(target).detach())
-        self.target = target[None] if target.dim() == 1 else target
-        if self.target.dim() != 2:
-            raise CondiffError(f"a {name} embedding must have shape (D,) or (B, D), got {tuple(target.shape)}")
+    def __init__(self, e1: Embed, target: torch.Tensor | None = None, scale: float = 1.0, name: str = "similarity",
+                 key: str | None = None):
+        if target is not None:
+            target = _at_least_f32(torch.as_tensor(target).detach())
+            target = target[None] if target.dim() == 1 else target
+            if target.dim() != 2:
+                raise CondiffError(f"a {name} embedding must have shape (D,) or (B, D), got {tuple(target.shape)}")
+        self.target = target
+        self.key = key or name
         self.e1 = e1
         super().__init__(self.similarity, scale, name=name)
 
-    def similarity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """cos(E1(x_t, t), e_y), (B,)."""
-        return cosine(self.e1(x, t), self.target)
+    def similarity(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """cos(E1(x_t, t), e_y), (B,), e_y the fixed target or the row's ``cond[key]``."""
+        target = self.target if self.target is not None else cond_entry(cond, self.key)
+        if target is None:
+            raise CondiffError(f"{self.name} guidance: no target (give one, or put cond[{self.key!r}] in the batch)")
+        if target.shape[0] not in (1, x.shape[0]):
+            raise CondiffError(f"{self.name} guidance: {target.shape[0]} targets for a batch of {x.shape[0]}; "
+                               f"pass per-row targets as cond[{self.key!r}]")
+        return cosine(self.e1(x, t), target)
 
 
 class ImageSimilarity(EmbeddingSimilarity):
@@ -85,23 +104,34 @@ class ImageSimilarity(EmbeddingSimilarity):
     Args:
         e1: noise-aware encoder ``e1(x_t, t) -> (B, D)``.
         e2: clean encoder ``e2(y) -> (B, D)`` of the same embedding space.
-        reference: (C, H, W) or (B, C, H, W) images in [-1, 1], at the model's size.
+        reference: (C, H, W) or (B, C, H, W) images in [-1, 1], at the model's size, or None:
+            per-row targets from ``cond["image"]`` (see :meth:`targets`).
         prototypes, prior: E2's class prototypes (K, D) and the weight of :func:`prototype_prior`
             (0: the target is E2(y) itself).
     """
 
-    def __init__(self, e1: Embed, e2: Callable[[torch.Tensor], torch.Tensor], reference: torch.Tensor,
+    def __init__(self, e1: Embed, e2: Callable[[torch.Tensor], torch.Tensor], reference: torch.Tensor | None,
                  scale: float = 1.0, prototypes: torch.Tensor | None = None, prior: float = 0.0):
+        if prior != 0 and prototypes is None and prior > 0:
+            raise CondiffError("this image encoder has no class prototypes; use --image-prior 0")
+        self.e2, self.prototypes, self.prior = e2, prototypes, prior
+        super().__init__(e1, None, scale, name="image")
+        if reference is not None:
+            self.target = self.targets(reference)
+
+    def targets(self, reference: torch.Tensor) -> torch.Tensor:
+        """The targets of references (C, H, W) or (B, C, H, W): E2(y), pulled by the prototype prior, (B, D).
+
+        Put them in the batch condition as ``cond["image"]`` for one reference per row.
+        """
         with torch.no_grad():
-            target = e2(_batched(reference))
-        if prior != 0:
-            if prototypes is None and prior > 0:
-                raise CondiffError("this image encoder has no class prototypes; use --image-prior 0")
-            target = prototype_prior(target, prototypes, prior)
-        super().__init__(e1, target, scale, name="image")
+            target = self.e2(_batched(reference))
+        if self.prior != 0:
+            target = prototype_prior(target, self.prototypes, self.prior)
+        return _at_least_f32(target.detach())
 
     @classmethod
-    def from_encoder(cls, encoder, reference: torch.Tensor, scale: float = 1.0,
+    def from_encoder(cls, encoder, reference: torch.Tensor | None = None, scale: float = 1.0,
                      prior: float | None = None) -> "ImageSimilarity":
         """From a :class:`~condiff.nets.SimilarityEncoder` with its E1 and E2.
 
@@ -111,7 +141,7 @@ class ImageSimilarity(EmbeddingSimilarity):
         protos = getattr(encoder, "prototypes", None)
         if prior is None:
             prior = DEFAULT_IMAGE_PRIOR if protos is not None else 0.0
-        ref = _batched(reference).to(next(encoder.parameters()).device)
+        ref = None if reference is None else _batched(reference).to(next(encoder.parameters()).device)
         return cls(lambda x, t: encoder(x, t, "e1"), lambda y: encoder(y, None, "e2"), ref, scale,
                    None if protos is None else protos.detach(), prior)
 
@@ -143,10 +173,10 @@ class TextSimilarity(EmbeddingSimilarity):
     Args:
         image_side: ``f(x_t, t) -> (B, D_text)``, E1 followed by its projection.
         text_embedding: the prompt's target in that space, (D_text,) or (B, D_text):
-            :func:`text_target` of E_text(prompt).
+            :func:`text_target` of E_text(prompt); None reads per-row targets from ``cond["text"]``.
     """
 
-    def __init__(self, image_side: Embed, text_embedding: torch.Tensor, scale: float = 1.0):
+    def __init__(self, image_side: Embed, text_embedding: torch.Tensor | None = None, scale: float = 1.0):
         super().__init__(image_side, text_embedding, scale, name="text")
 
     @classmethod
@@ -252,8 +282,8 @@ class StyleSimilarity(SimilarityTerm):
             self._targets[t] = [f.detach() for f in self.features(s, tt)]
         return self._targets[t]
 
-    def similarity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """-gram_distance(features of x_t, features of s_t), (B,)."""
+    def similarity(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """-gram_distance(features of x_t, features of s_t), (B,); one style image for every row."""
         t = torch.as_tensor(t, device=x.device).long().expand(x.shape[0])
         feats = self.features(x, t)
         dist = x.new_zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
@@ -288,3 +318,82 @@ def load_encoder(path, kind: str | None = None, device="cpu", trust_pickle: bool
     for p in model.parameters():  # guidance differentiates with respect to x only
         p.requires_grad_(False)
     return model, config
+
+
+# ----------------------------------------------------------------------------- from files to terms
+def encoder_for(path, kind: str | None, shape, device="cpu", trust_pickle: bool = False):
+    """A similarity encoder checkpoint for images of ``shape`` (C, H, W); a size mismatch is one line."""
+    enc, _ = load_encoder(path, kind, device, trust_pickle)
+    if (enc.in_channels, enc.image_size) != (shape[0], shape[1]):
+        raise CondiffError(f"{path}: encoder for {enc.in_channels}x{enc.image_size}x{enc.image_size} images, "
+                           f"the model makes {'x'.join(map(str, shape))}")
+    return enc
+
+
+def reference_image(shape, image=None, index: int | None = None, ref_data=None) -> torch.Tensor:
+    """A reference image (C, H, W) in [-1, 1]: a file (any size, converted) or test image ``index`` of ``ref_data``."""
+    from ..data import load_dataset
+    from ..images import load_image
+
+    C, H, _ = shape
+    if (image is None) == (index is None):
+        raise CondiffError("give a reference image file or an index into the reference data, not both")
+    if image is not None:
+        return load_image(image, H, C)
+    data = load_dataset(ref_data, "test", size=H, channels=C)
+    if not 0 <= index < len(data):
+        raise CondiffError(f"--image-index {index} out of range 0..{len(data) - 1}")
+    if data.shape != tuple(shape):
+        raise CondiffError(f"--ref-data images are {'x'.join(map(str, data.shape))}, the model makes "
+                           f"{'x'.join(map(str, shape))}")
+    return data.images[index]
+
+
+def similarity_guidance(shape, schedule: Schedule, device="cpu", *, text: str | None = None, text_encoder=None,
+                        text_scale: float | None = None, text_prior: float | None = None, image=None,
+                        image_index: int | None = None, ref_data=None, image_encoder=None,
+                        image_scale: float | None = None, image_prior: float | None = None, style=None,
+                        style_encoder=None, style_scale: float | None = None, trust_pickle: bool = False):
+    """Text, image and style guidance (eqs 11-15) from checkpoints and inputs: ``(terms, cond)``.
+
+    ``terms`` go into :class:`condiff.compose.Guidance`; ``cond`` holds their targets as one-row
+    entries of the batch condition (``{"text": (1, D), "image": (1, D)}``), repeated for every
+    row by :func:`condiff.guidance.batch_cond` (replace them with (n, D) rows for one target per
+    row).  A scale of None is :data:`DEFAULT_SCALES`'.
+    """
+    terms, cond = [], {}
+
+    def scale(kind, value):
+        return DEFAULT_SCALES[kind] if value is None else value
+
+    if text is not None:
+        if not text_encoder:
+            raise CondiffError("--text needs --text-encoder CKPT (condiff train-encoder --kind text)")
+        from .text import load_text_encoder
+
+        enc = encoder_for(text_encoder, "text", shape, device, trust_pickle)
+        if enc.proj is None:
+            raise CondiffError("this encoder was not trained for text (train it with --kind text)")
+        te = load_text_encoder(device)
+        if te.dim != enc.text_dim:
+            raise CondiffError(f"the encoder expects {enc.text_dim}-d text embeddings, the text encoder gives {te.dim}-d")
+        side = lambda x, t, enc=enc: enc(x, t, "text")  # noqa: E731 (bound now: enc is rebound below)
+        terms.append(TextSimilarity(side, None, scale("text", text_scale)))
+        cond["text"] = text_target(enc, te.encode(text), text_prior).reshape(1, -1)
+    if image is not None or image_index is not None:
+        if not image_encoder:
+            raise CondiffError("--image/--image-index need --image-encoder CKPT (condiff train-encoder --kind image)")
+        enc = encoder_for(image_encoder, "image", shape, device, trust_pickle)
+        term = ImageSimilarity.from_encoder(enc, None, scale("image", image_scale), prior=image_prior)
+        terms.append(term)
+        cond["image"] = term.targets(reference_image(shape, image, image_index, ref_data).to(device))
+    if style is not None:
+        path = style_encoder or image_encoder
+        if not path:
+            raise CondiffError("--style needs --style-encoder or --image-encoder CKPT")
+        from ..images import load_image
+
+        enc = encoder_for(path, None, shape, device, trust_pickle)
+        terms.append(StyleSimilarity.from_encoder(enc, load_image(style, shape[1], shape[0]), scale("style", style_scale),
+                                                  schedule))
+    return terms, cond

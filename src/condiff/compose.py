@@ -1,0 +1,322 @@
+"""One composition path: a guidance description and sampler settings in, what a solver takes out.
+
+Every front end (``condiff sample``, ``demo``, ``sweep``, the benchmarks) describes what it
+wants with two small dataclasses and calls :func:`compose`; nothing else decides how a model
+and its guidance are put together::
+
+    from condiff.compose import Guidance, Sampling, compose
+    from condiff.guidance import ClassifierTerm
+    from condiff.pipeline import generate, load_classifier, load_diffusion
+
+    model, schedule, config = load_diffusion("runs/cfg")
+    clf, _ = load_classifier("runs/clf")
+    guidance = Guidance(cfg_w=1.0, terms=[ClassifierTerm(clf, scale=4.0)])  # target class from cond["y"]
+    sampling = Sampling("ddpm", steps=50)
+    eps, shift = compose(model, schedule, guidance, sampling)
+    y = torch.arange(10).repeat_interleave(8)                      # one class per row, any batch size
+    x = generate(eps, schedule, 80, shape=(1, 28, 28), cond={"y": y}, mean_shift=shift,
+                 seed=0, batch_size=32, **sampling.kwargs())
+
+* :class:`Guidance`: CFG weight w / interval / rescale (eq 24), the null branch, gradient terms
+  with their scales (eqs 8, 11-15), form "score" (eq 19) or "mean" (eqs 6-7) and where the
+  gradient is taken; :meth:`Guidance.config` / :meth:`Guidance.from_config` round-trip everything
+  that is not a network through JSON.
+* :class:`Sampling`: the solver (a key of :data:`condiff.samplers.SAMPLERS`), steps, step spacing
+  (:data:`condiff.schedule.SPACINGS`), x0 clipping / thresholding and the solver's own options
+  (``eta``, ``variance``, ... read from the solver's signature).
+* :func:`compose`: (model, schedule, guidance[, sampling]) -> (eps-model, mean_shift or None),
+  validating the combination with one-line :class:`~condiff.errors.CondiffError` s.
+
+The batch condition ``cond`` is described in :mod:`condiff.guidance` (``cond["y"]`` for the
+network, per-row targets of the terms under their keys).  Every default lives here once.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .errors import CondiffError
+from .guidance import (FORMS, GRAD_AT, ClassifierFree, Conditioned, GradientTerm, MeanShift, NullBranch, ScoreGuided,
+                       check_scale)
+from .samplers import MEAN_SHIFT_SAMPLERS, SAMPLERS, STOCHASTIC
+from .schedule import SPACINGS, Schedule, respace
+
+__all__ = ["DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_SPACING", "DEFAULT_CLIP_X0", "MAX_ETA", "Guidance",
+           "Sampling", "Composed", "compose", "solver_options", "is_stochastic", "class_guidance",
+           "saturated_images", "saturation_warning"]
+
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 50
+DEFAULT_SPACING = "linspace"
+DEFAULT_CLIP_X0 = 1.0  # the data range: a tiny abar_{T-1} (cosine: 5e-5) otherwise saturates the first steps
+MAX_ETA = 1.0  # DDIM's sigma_t = eta * posterior std exceeds bbar_s beyond eta = 1 (eq 17 has no real solution)
+
+# keyword arguments every solver takes (the sampling-core contract); the rest of a solver's
+# keyword-only parameters are its own options
+_CONTRACT = {"cond", "generator", "spacing", "clip_x0", "threshold", "callback", "progress", "mean_shift"}
+
+
+def solver_options(name: str) -> dict:
+    """The options of solver ``name`` with their defaults (e.g. ddim: {"eta": 0.0}), read from its signature."""
+    if name not in SAMPLERS:
+        raise CondiffError(f"unknown sampler {name!r} (choose {', '.join(SAMPLERS)})")
+    params = inspect.signature(SAMPLERS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _CONTRACT}
+
+
+def is_stochastic(name: str, options: dict | None = None) -> bool:
+    """Whether solver ``name`` adds fresh noise each step (DDIM only with eta > 0)."""
+    return name in STOCHASTIC or float((options or {}).get("eta", 0) or 0) > 0
+
+
+@dataclass
+class Sampling:
+    """How to sample: solver, steps, step spacing, x0 clipping / thresholding, solver options.
+
+    Args:
+        sampler: a key of :data:`condiff.samplers.SAMPLERS`.
+        steps: number of steps after respacing, or an explicit list of timesteps.
+        spacing: one of :data:`condiff.schedule.SPACINGS`.
+        clip_x0: clamp the predicted x_0 to [-c, c] each step; None or 0 is off.
+        threshold: dynamic thresholding of x_0 (Imagen): the percentile, in (0, 1]; None is off.
+        options: the solver's own options, e.g. ``{"eta": 1.0}`` for ddim, ``{"variance": "ddpm-beta"}``
+            for ddpm (:func:`solver_options` lists them); anything else is an error.
+    """
+
+    sampler: str = DEFAULT_SAMPLER
+    steps: int | Sequence[int] | None = DEFAULT_STEPS
+    spacing: str = DEFAULT_SPACING
+    clip_x0: float | None = DEFAULT_CLIP_X0
+    threshold: float | None = None
+    options: dict = field(default_factory=dict)
+
+    def validate(self, schedule: Schedule | None = None, mean_shift: bool = False) -> "Sampling":
+        """One-line errors for an unknown solver, option or spacing, bad steps, mean shift without a mean."""
+        known = solver_options(self.sampler)
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            has = f"its options are {', '.join(known)}" if known else "it has no options"
+            raise CondiffError(f"sampler {self.sampler} does not take {', '.join(unknown)} ({has})")
+        if self.spacing not in SPACINGS:
+            raise CondiffError(f"unknown step spacing {self.spacing!r} (choose {', '.join(SPACINGS)})")
+        eta = self.options.get("eta")
+        if eta is not None and (not math.isfinite(float(eta)) or not 0 <= float(eta) <= MAX_ETA):
+            raise CondiffError(f"eta must lie in [0, {MAX_ETA:g}] (sigma_t = eta * posterior std), got {eta}")
+        if self.clip_x0 is not None and (not math.isfinite(self.clip_x0) or self.clip_x0 < 0):
+            raise CondiffError(f"clip_x0 must be a finite number >= 0, got {self.clip_x0}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise CondiffError(f"threshold is a percentile in (0, 1], got {self.threshold}")
+        if schedule is not None:
+            respace(schedule, self.steps, self.spacing)  # steps against T, and the spacing
+        if mean_shift:
+            if self.sampler not in MEAN_SHIFT_SAMPLERS:
+                raise CondiffError(f"mean-shift guidance (eqs 6-7) needs an ancestral sampler "
+                                   f"({', '.join(sorted(MEAN_SHIFT_SAMPLERS))}); sampler {self.sampler} has no "
+                                   "reverse mean: use form score (eq 19)")
+            if not is_stochastic(self.sampler, self.options):
+                raise CondiffError(f"mean-shift guidance needs sigma_t > 0: sampler {self.sampler} is deterministic "
+                                   "here (use ddpm, eta > 0, or form score)")
+        return self
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of :func:`condiff.pipeline.generate`."""
+        return dict(sampler=self.sampler, steps=self.steps, spacing=self.spacing, clip_x0=self.clip_x0,
+                    threshold=self.threshold, **self.options)
+
+    def config(self) -> dict:
+        steps = self.steps if self.steps is None or isinstance(self.steps, int) else list(self.steps)
+        return {"sampler": self.sampler, "steps": steps, "spacing": self.spacing, "clip_x0": self.clip_x0,
+                "threshold": self.threshold, "options": dict(self.options)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Sampling":
+        unknown = set(config) - {"sampler", "steps", "spacing", "clip_x0", "threshold", "options"}
+        if unknown:
+            raise CondiffError(f"unknown sampling settings: {', '.join(sorted(unknown))}")
+        return cls(**{k: (dict(v) if k == "options" else v) for k, v in config.items()})
+
+
+@dataclass
+class Guidance:
+    """What steers the model: classifier-free guidance, the null branch, gradient terms, their form.
+
+    Args:
+        cfg_w: classifier-free weight w of eq 24 (diffusers' guidance_scale is 1 + w); None is no
+            CFG, 0 plain conditional sampling.  The network's condition is ``cond["y"]``.
+        cfg_interval: (lo, hi): CFG only for lo <= t <= hi, inside [0, T) (Kynkaanniemi et al. 2024).
+        cfg_rescale: guidance rescale phi in [0, 1] (Lin et al. 2023); 0 is off.
+        unconditional: sample the null branch phi of a conditional model (for gradient guidance of
+            a model trained with condition dropout).
+        terms: gradient terms (:class:`~condiff.guidance.GradientTerm`), each with its own scale.
+        form: "score" (eq 19: eps - bbar_t g, any sampler) or "mean" (eqs 6-7: mu + sigma_t^2 g,
+            ancestral samplers only).
+        grad_at: the mean form's gradient location, "x_t" (eq 6) or "mu" (eq 7).
+    """
+
+    cfg_w: float | None = None
+    cfg_interval: tuple[int, int] | None = None
+    cfg_rescale: float = 0.0
+    unconditional: bool = False
+    terms: list = field(default_factory=list)
+    form: str = "score"
+    grad_at: str = "x_t"
+
+    def validate(self, schedule: Schedule | None = None, model=None) -> "Guidance":
+        """One-line errors for every combination that would be silently ignored or meaningless."""
+        if self.form not in FORMS:
+            raise CondiffError(f"guidance form must be score or mean, got {self.form!r}")
+        if self.grad_at not in GRAD_AT:
+            raise CondiffError(f"gradient location must be x_t or mu, got {self.grad_at!r}")
+        if self.grad_at != "x_t" and (self.form != "mean" or not self.terms):
+            raise CondiffError("the gradient location mu (eq 7) applies to the mean form with gradient terms "
+                               "(use form mean)")
+        if self.form == "mean" and not self.terms:
+            raise CondiffError("form mean applies to gradient terms (classifier, text, image, style); there are none")
+        for term in self.terms:
+            if not isinstance(term, GradientTerm):
+                raise CondiffError(f"a guidance term must be a GradientTerm, got {type(term).__name__}")
+        if self.cfg_w is not None:
+            check_scale("cfg weight w", self.cfg_w)
+            if self.unconditional:
+                raise CondiffError("classifier-free guidance and the unconditional null branch exclude each other")
+        else:
+            if self.cfg_interval is not None:
+                raise CondiffError("the CFG interval applies to classifier-free guidance: give a CFG weight w")
+            if self.cfg_rescale:
+                raise CondiffError("guidance rescale applies to classifier-free guidance: give a CFG weight w")
+        if check_scale("guidance rescale", self.cfg_rescale) > 1:
+            raise CondiffError(f"guidance rescale must lie in [0, 1], got {self.cfg_rescale}")
+        if self.cfg_interval is not None:
+            lo, hi = (int(v) for v in self.cfg_interval)
+            T = schedule.T if schedule is not None else None
+            if not 0 <= lo <= hi or (T is not None and hi >= T):
+                bound = f"0 <= lo <= hi <= {T - 1}" if T is not None else "0 <= lo <= hi"
+                raise CondiffError(f"the CFG interval must satisfy {bound}, got {lo},{hi}")
+        if model is not None and (self.cfg_w is not None or self.unconditional) and not hasattr(model, "null_cond"):
+            what = "classifier-free guidance" if self.cfg_w is not None else "the null branch"
+            raise CondiffError(f"{what} needs a model trained with a null condition (condition dropout)")
+        return self
+
+    def config(self) -> dict:
+        """Everything but the networks, JSON-able; the terms as their settings (name, scale, key, ...)."""
+        return {"cfg_w": self.cfg_w, "cfg_interval": None if self.cfg_interval is None else list(self.cfg_interval),
+                "cfg_rescale": self.cfg_rescale, "unconditional": self.unconditional, "form": self.form,
+                "grad_at": self.grad_at, "terms": [t.config() for t in self.terms]}
+
+    @classmethod
+    def from_config(cls, config: dict, terms: Sequence[GradientTerm] = ()) -> "Guidance":
+        """The inverse of :meth:`config`; ``terms`` supplies the networks, in the config's order.
+
+        Each given term is copied with the config's scale, so one set of loaded terms serves
+        every stored guidance.
+        """
+        config = dict(config)
+        specs = config.pop("terms", [])
+        unknown = set(config) - {"cfg_w", "cfg_interval", "cfg_rescale", "unconditional", "form", "grad_at"}
+        if unknown:
+            raise CondiffError(f"unknown guidance settings: {', '.join(sorted(unknown))}")
+        terms = list(terms)
+        if len(terms) != len(specs):
+            raise CondiffError(f"the guidance config has {len(specs)} term(s), {len(terms)} given")
+        built = []
+        for spec, term in zip(specs, terms):
+            if spec.get("name") != term.name:
+                raise CondiffError(f"the guidance config's term {spec.get('name')!r} is given a {term.name!r} term")
+            term = copy.copy(term)
+            term.scale = check_scale(f"{term.name} scale", spec.get("scale", term.scale))
+            if "sharpen" in spec:
+                term.sharpen = bool(spec["sharpen"])
+            built.append(term)
+        if config.get("cfg_interval") is not None:
+            config["cfg_interval"] = tuple(int(v) for v in config["cfg_interval"])
+        return cls(terms=built, **config)
+
+
+class Composed(NamedTuple):
+    """What a solver takes: the guided eps-model, and the mean shift (mean form) or None."""
+
+    model: object
+    mean_shift: object
+
+
+def compose(model, schedule: Schedule, guidance: Guidance | None = None, sampling: Sampling | None = None) -> Composed:
+    """Turn (model, schedule, guidance) into (guided eps-model, mean_shift) for any solver.
+
+    CFG (eq 24) or the null branch wrap the network; gradient terms wrap that in score form
+    (eq 19, every solver) or become the ``mean_shift`` of an ancestral sampler (eqs 6-7).  With
+    ``sampling``, the pair is checked against the solver too (the mean form needs a reverse mean
+    with sigma_t > 0).  The result is called with the batch condition ``cond`` (a class tensor, or
+    a dict whose "y" entry the network sees and whose other entries the terms read).
+    """
+    guidance = (guidance or Guidance()).validate(schedule, model)
+    if sampling is not None:
+        sampling.validate(schedule, mean_shift=guidance.form == "mean" and bool(guidance.terms))
+    if guidance.unconditional:
+        eps = NullBranch(model)
+    elif guidance.cfg_w is not None:
+        eps = ClassifierFree(model, guidance.cfg_w, interval=guidance.cfg_interval, rescale=guidance.cfg_rescale)
+    else:
+        eps = Conditioned(model)
+    terms = list(guidance.terms)
+    if not terms:
+        return Composed(eps, None)
+    if guidance.form == "score":
+        return Composed(ScoreGuided(eps, schedule, terms), None)
+    return Composed(eps, MeanShift(terms, at=guidance.grad_at))
+
+
+def class_guidance(model, *, classes: bool, cfg_w: float | None = None, classifier: bool = False,
+                   unconditional: bool = False) -> dict:
+    """How a model meets class targets: the ``cfg_w`` / ``unconditional`` fields of :class:`Guidance`.
+
+    A conditional model given classes samples them itself (CFG weight ``cfg_w``, 0 = plain
+    conditional) unless a classifier guides it, which then works on the null branch (the
+    unconditional model inside it, eq 24's phi); with no classes it samples the null branch.
+    """
+    conditional = bool(getattr(model, "conditional", False))
+    if cfg_w is not None and not classes:
+        raise CondiffError("classifier-free guidance needs a class (--class)")
+    if classifier and not classes:
+        raise CondiffError("classifier guidance needs a class (--class)")
+    if classes and not conditional and not classifier:
+        raise CondiffError("this model is unconditional: pass a classifier (--classifier CKPT) to guide it to a class")
+    if cfg_w is not None and not conditional:
+        raise CondiffError("classifier-free guidance needs a conditional model trained with a null condition")
+    if unconditional:
+        if cfg_w is not None:
+            raise CondiffError("classifier-free guidance and the unconditional null branch exclude each other")
+        if classes and not classifier:
+            raise CondiffError("the unconditional null branch (--unconditional) ignores the class: give a "
+                               "classifier (--classifier CKPT) or drop --unconditional")
+        if not conditional:
+            raise CondiffError("this model is unconditional already: it has no null branch (drop --unconditional)")
+    use_model = conditional and not unconditional and (cfg_w is not None or (classes and not classifier))
+    if use_model:
+        return {"cfg_w": cfg_w if cfg_w is not None else 0.0, "unconditional": False}
+    return {"cfg_w": None, "unconditional": conditional}
+
+
+def saturated_images(x: torch.Tensor, level: float = 0.98, share: float = 0.995) -> int:
+    """How many images of ``x`` (N, C, H, W) in [-1, 1] are saturated: nearly every pixel at -1 or +1.
+
+    Real images (and good samples) have mid-tones at least along their edges; a guidance scale
+    or eta far too large drives the x0 prediction to the clip range everywhere.
+    """
+    flat = x.detach().float().flatten(1)
+    at_edge = (~torch.isfinite(flat)) | (flat.abs() >= level)
+    return int((at_edge.float().mean(1) >= share).sum())
+
+
+def saturation_warning(x: torch.Tensor) -> str | None:
+    """A one-line warning when guidance saturated the samples, else None (see :func:`saturated_images`)."""
+    k = saturated_images(x)
+    if not k:
+        return None
+    return (f"{k} of {len(x)} images are saturated (every pixel black or white): the guidance scale or eta is "
+            "far too large for this model; lower it")
