@@ -14,7 +14,7 @@ settings), so a rerun only re-scores; the judge is the independent clean-image J
 
 Points at equal NFE: a solver with c network calls per step (``condiff.samplers.nfe``) gets the largest
 step count whose NFE does not exceed the target. Guided samples use the library's one composition path
-(:func:`condiff.compose.guide` via :func:`condiff.pipeline.generate`), as ``condiff sample`` does.
+(the sweep builders and :func:`condiff.pipeline.guided_generate`), as ``condiff sample`` does.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from condiff.evaluation import Evaluator, load_judge, load_real_data  # noqa: E402
 from condiff.images import save_grid, save_npz  # noqa: E402
-from condiff.pipeline import load_classifier, load_diffusion  # noqa: E402
+from condiff.pipeline import load_diffusion  # noqa: E402
 from condiff.samplers import SAMPLERS, nfe, noise  # noqa: E402
 from condiff.zoo import shipped  # noqa: E402
 
@@ -60,16 +60,10 @@ class Bench:
         self.model.eval()
         self.shape = tuple(self.config["image_shape"])
         self.class_names = self.config["class_names"]
-        self._clf = None
+        self._cache = {}
         self._evaluator = None
         self.results_path = out / "results.json"
         self.results = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
-
-    @property
-    def clf(self):
-        if self._clf is None:
-            self._clf = load_classifier(shipped("classifier"))[0].eval()
-        return self._clf
 
     @property
     def evaluator(self) -> Evaluator:
@@ -81,6 +75,14 @@ class Bench:
 
     def labels(self, n: int) -> torch.Tensor:
         return torch.arange(n) % len(self.class_names)
+
+    def _save(self) -> None:
+        """Merge this run's rows into results.json (other runs may be writing it too)."""
+        on_disk = json.loads(self.results_path.read_text()) if self.results_path.is_file() else {}
+        self.results = {**on_disk, **self.results}
+        tmp = self.results_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+        tmp.replace(self.results_path)
 
     # ------------------------------------------------------------------ one point
     def point(self, method: str, scale: float, solver: str, target_nfe: int, n: int, *, spacing="linspace",
@@ -113,35 +115,26 @@ class Bench:
         grid = torch.cat([torch.nonzero(labels == c).flatten()[:8] for c in range(len(self.class_names))])
         save_grid(x[grid], self.out / "grids" / f"{method}-{scale:g}-{impl}-{solver}-{steps}.png", nrow=8)
         self.results[key] = row
-        self.results_path.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+        self._save()
         print(f"{method} {scale:g} {impl}:{solver} nfe {row['nfe']} n {n}: FID_fm {row['fid_fm']:.2f}, "
               f"judge {row['judge_accuracy']:.3f}, diversity/real {row['diversity_ratio']:.2f}, "
               f"{row['seconds_per_image']:.3f} s/img, saturated {row['saturated']:.3f}", flush=True)
         return row
 
-    def _guidance(self, method: str, scale: float):
-        from condiff.compose import Guidance
-        from condiff.guidance import ClassifierTerm
+    def _context(self, model):
+        from condiff.sweep import SweepContext
 
-        if method == "cfg":
-            return Guidance(cfg_w=scale)
-        if method == "classifier":
-            return Guidance(unconditional=True, terms=[ClassifierTerm(self.clf, scale=scale)])
-        if method == "text":
-            from condiff.similarity.text import load_text_encoder
-            from condiff.similarity.terms import TextSimilarity, load_encoder
-
-            enc, _ = load_encoder(shipped("text-encoder"), "text")
-            term = TextSimilarity.for_prompts(enc, load_text_encoder("cpu"), scale=scale)
-            return Guidance(unconditional=True, terms=[term])
-        raise ValueError(method)
-
-    def _cond(self, method: str, labels: torch.Tensor):
-        if method == "text":
-            return {"class": labels, "text": [f"a photo of {self.class_names[int(c)].lower()}" for c in labels]}
-        return labels
+        return SweepContext(model, self.schedule, self.shape, self.class_names,
+                            options={"classifier": str(shipped("classifier")),
+                                     "text_encoder": str(shipped("text-encoder"))}, cache=self._cache)
 
     def _sample(self, method, scale, solver, steps, labels, spacing, options, impl):
+        """Samples through the library's one composition path: the sweep builder of ``method`` gives
+        (Guidance, cond), :func:`condiff.pipeline.guided_generate` composes and samples."""
+        from condiff.compose import Sampling
+        from condiff.pipeline import guided_generate
+        from condiff.sweep import get_method
+
         calls = [0]
         inner = self.model
 
@@ -149,26 +142,20 @@ class Bench:
             calls[0] += x.shape[0]
             return inner(x, t, c)
 
-        counted.null_cond = inner.null_cond
+        counted.null_cond, counted.conditional = inner.null_cond, inner.conditional
+        guidance, cond = get_method(method)(self._context(counted), scale, labels)
         if impl == "diffusers":
-            from condiff.guidance import ClassifierFree
+            from condiff.compose import compose
 
-            return _diffusers_dpm(ClassifierFree(counted, scale), self, steps, labels, options), calls[0] // 1
-        from condiff.pipeline import generate
-
-        if method == "cfg" and solver == "ddim" and not options and spacing == "linspace":  # TEMP: pre-merge API
-            from condiff.guidance import ClassifierFree
-
-            x = generate(ClassifierFree(counted, scale), self.schedule, len(labels), shape=self.shape,
-                         cond=labels, sampler="ddim", steps=steps, seed=self.seed, batch_size=self.batch_size)
-            return x, calls[0]
-        x = generate(counted, self.schedule, len(labels), shape=self.shape, cond=self._cond(method, labels),
-                     guidance=self._guidance(method, scale), sampler=solver, steps=steps,
-                     sampler_options=dict(options, spacing=spacing), seed=self.seed, batch_size=self.batch_size)
+            eps = compose(counted, self.schedule, guidance).model
+            return _diffusers_dpm(eps, self, steps, cond, options), calls[0]
+        x = guided_generate(counted, self.schedule, len(labels), guidance,
+                            Sampling(solver, steps, spacing, 1.0, options=dict(options)), shape=self.shape,
+                            cond=cond, seed=self.seed, batch_size=self.batch_size)
         return x, calls[0]
 
 
-def _diffusers_dpm(model, bench: Bench, steps: int, labels: torch.Tensor, options: dict) -> torch.Tensor:
+def _diffusers_dpm(model, bench: Bench, steps: int, cond: dict, options: dict) -> torch.Tensor:
     """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2) on the same model and x_T."""
     from diffusers import DPMSolverMultistepScheduler
 
@@ -176,12 +163,16 @@ def _diffusers_dpm(model, bench: Bench, steps: int, labels: torch.Tensor, option
                                         trained_betas=_betas(bench.schedule), algorithm_type="dpmsolver++",
                                         solver_order=2, **options)
     out = []
+    from condiff.guidance import batch_cond, slice_cond
+
+    labels = cond["y"]
     n = len(labels)
+    cond = batch_cond(cond, n)
     for b in range(-(-n // bench.batch_size)):
         lo, hi = b * bench.batch_size, min((b + 1) * bench.batch_size, n)
         g = torch.Generator().manual_seed(int(bench.seed) * 1_000_003 + b)
         x = noise((bench.batch_size, *bench.shape), g)[: hi - lo]
-        y = labels[lo:hi]
+        y = slice_cond(cond, lo, hi, "cpu")
         sched.set_timesteps(steps)
         with torch.no_grad():
             for t in sched.timesteps:
