@@ -5,6 +5,7 @@ docs/solvers/quality-vs-nfe.png. Every sample set is cached under --out (uint8 .
 settings), so a rerun only re-scores; the judge is the independent clean-image JudgeNet.
 
     .venv/bin/python benchmarks/bench_solvers.py run --part cfg            # CFG w=2, each solver x NFE
+    .venv/bin/python benchmarks/bench_solvers.py run --part spacing        # step spacings, best solvers
     .venv/bin/python benchmarks/bench_solvers.py run --part guided         # classifier (gamma 16) and text
     .venv/bin/python benchmarks/bench_solvers.py run --part large          # CFG w=6, classifier gamma=32
     .venv/bin/python benchmarks/bench_solvers.py run --part headline       # 1000 samples at the headline points
@@ -204,6 +205,16 @@ def part_cfg(b: Bench, args):
     b.point("cfg", 2.0, "ddim", 50, args.n)
 
 
+def part_spacing(b: Bench, args):
+    """The step spacings of ``condiff.schedule.SPACINGS`` for the best solvers at 10 and 15 NFE."""
+    from condiff.schedule import SPACINGS
+
+    for solver in args.best:
+        for spacing in SPACINGS:
+            for target in (10, 15):
+                b.point("cfg", 2.0, solver, target, args.n, spacing=spacing)
+
+
 def part_guided(b: Bench, args):
     for solver in ["ddim", *args.best]:
         for target in (10, 25):
@@ -324,7 +335,7 @@ def write_report(b: Bench, args) -> None:
     print(f"wrote {args.docs / 'solvers.md'}")
 
 
-PARTS = {"cfg": part_cfg, "guided": part_guided, "large": part_large, "headline": part_headline,
+PARTS = {"cfg": part_cfg, "spacing": part_spacing, "guided": part_guided, "large": part_large, "headline": part_headline,
          "diffusers": part_diffusers, "overhead": part_overhead}
 
 
