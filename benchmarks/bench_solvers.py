@@ -149,19 +149,20 @@ class Bench:
             from condiff.compose import compose
 
             eps = compose(counted, self.schedule, guidance).model
-            return _diffusers_dpm(eps, self, steps, cond, options), calls[0]
+            return _diffusers_dpm(eps, self.schedule, self.shape, steps, cond, options, seed=self.seed,
+                                  batch_size=self.batch_size), calls[0]
         x = guided_generate(counted, self.schedule, len(labels), guidance,
                             Sampling(solver, steps, spacing, 1.0, options=dict(options)), shape=self.shape,
                             cond=cond, seed=self.seed, batch_size=self.batch_size)
         return x, calls[0]
 
 
-def _diffusers_dpm(model, bench: Bench, steps: int, cond: dict, options: dict) -> torch.Tensor:
+def _diffusers_dpm(model, schedule, shape, steps: int, cond: dict, options: dict, *, seed: int,
+                   batch_size: int) -> torch.Tensor:
     """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2) on the same model and x_T."""
     from diffusers import DPMSolverMultistepScheduler
 
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=bench.schedule.T,
-                                        trained_betas=_betas(bench.schedule), algorithm_type="dpmsolver++",
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=schedule.T, trained_betas=_betas(schedule), algorithm_type="dpmsolver++",
                                         solver_order=2, **options)
     out = []
     from condiff.guidance import batch_cond, slice_cond
@@ -169,10 +170,10 @@ def _diffusers_dpm(model, bench: Bench, steps: int, cond: dict, options: dict) -
     labels = cond["y"]
     n = len(labels)
     cond = batch_cond(cond, n)
-    for b in range(-(-n // bench.batch_size)):
-        lo, hi = b * bench.batch_size, min((b + 1) * bench.batch_size, n)
-        g = torch.Generator().manual_seed(int(bench.seed) * 1_000_003 + b)
-        x = noise((bench.batch_size, *bench.shape), g)[: hi - lo]
+    for b in range(-(-n // batch_size)):
+        lo, hi = b * batch_size, min((b + 1) * batch_size, n)
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + b)
+        x = noise((batch_size, *shape), g)[: hi - lo]
         y = slice_cond(cond, lo, hi, "cpu")
         sched.set_timesteps(steps)
         with torch.no_grad():
@@ -206,13 +207,12 @@ def part_cfg(b: Bench, args):
 
 
 def part_spacing(b: Bench, args):
-    """The step spacings of ``condiff.schedule.SPACINGS`` for the best solvers at 10 and 15 NFE."""
+    """The step spacings of ``condiff.schedule.SPACINGS`` for the best solvers at 10 NFE."""
     from condiff.schedule import SPACINGS
 
     for solver in args.best:
         for spacing in SPACINGS:
-            for target in (10, 15):
-                b.point("cfg", 2.0, solver, target, args.n, spacing=spacing)
+            b.point("cfg", 2.0, solver, 10, args.n, spacing=spacing)
 
 
 def part_guided(b: Bench, args):
@@ -236,37 +236,57 @@ def part_headline(b: Bench, args):
 
 
 def part_diffusers(b: Bench, args):
-    for target in (10, 15, 25):
+    for target in (10, 25):
         b.point("cfg", 2.0, "dpm++2m", target, args.n, impl="diffusers")
         b.point("cfg", 2.0, "dpm++2m", target, args.n, impl="diffusers", options={"thresholding": True})
 
 
 def part_overhead(b: Bench, args):
-    """Solver overhead: wall time outside the network calls, as a fraction of network time."""
+    """Solver overhead (wall time outside the network calls, as a fraction of network time) and the
+    time of condiff's dpm++2m against diffusers' DPMSolverMultistepScheduler, side by side in one process."""
+    import statistics
+
+    from condiff.guidance import ClassifierFree
+
     x_T = noise((64, *b.shape), torch.Generator().manual_seed(0))
     y = b.labels(64)
+    spent = [0.0]
+
+    def timed(x, t, c):
+        t0 = time.perf_counter()
+        out = b.model(x, t, c)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    timed.null_cond, timed.conditional = b.model.null_cond, b.model.conditional
+    model = ClassifierFree(timed, 2.0)
     rows = {}
     for solver in args.solvers:
-        spent = [0.0]
-
-        def timed(x, t, c):
-            t0 = time.perf_counter()
-            out = b.model(x, t, c)
-            spent[0] += time.perf_counter() - t0
-            return out
-
         steps = steps_for(solver, 25)
-        SAMPLERS[solver](timed, x_T, b.schedule, steps, cond=y, generator=torch.Generator().manual_seed(1),
-                         clip_x0=1.0)  # warm-up
-        spent[0] = 0.0
+        fractions = []
+        for _ in range(3):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            SAMPLERS[solver](model, x_T, b.schedule, steps, cond=y, generator=torch.Generator().manual_seed(1),
+                             clip_x0=1.0)
+            total = time.perf_counter() - t0
+            fractions.append((total - spent[0]) / spent[0])
+        rows[solver] = {"overhead": statistics.median(fractions), "runs": fractions}
+        print(f"overhead {solver}: {rows[solver]['overhead'] * 100:.2f}% of network time", flush=True)
+    ratios = []
+    batch = {"y": y}
+    for _ in range(5):
         t0 = time.perf_counter()
-        SAMPLERS[solver](timed, x_T, b.schedule, steps, cond=y, generator=torch.Generator().manual_seed(1),
-                         clip_x0=1.0)
-        total = time.perf_counter() - t0
-        rows[solver] = {"total_s": total, "network_s": spent[0], "overhead": (total - spent[0]) / spent[0]}
-        print(f"overhead {solver}: {rows[solver]['overhead'] * 100:.2f}% of network time "
-              f"({total:.2f} s total, {spent[0]:.2f} s network)", flush=True)
-    (b.out / "overhead.json").write_text(json.dumps(rows, indent=1))
+        SAMPLERS["dpm++2m"](model, x_T, b.schedule, 10, cond=y, generator=torch.Generator().manual_seed(1),
+                            clip_x0=1.0, spacing="trailing")
+        t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _diffusers_dpm(model, b.schedule, b.shape, 10, batch, {}, seed=0, batch_size=64)
+        ratios.append(t_ours / (time.perf_counter() - t0))
+    out = {"solvers": rows, "diffusers": {"nfe": 10, "batch": 64, "repeats": len(ratios),
+                                          "ratio": statistics.median(ratios), "ratios": ratios}}
+    print(f"condiff dpm++2m / diffusers DPMSolverMultistepScheduler time: {out['diffusers']['ratio']:.3f}", flush=True)
+    (b.out / "overhead.json").write_text(json.dumps(out, indent=1))
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -289,48 +309,105 @@ def _table(rows: list[dict], cols=("impl", "solver", "nfe", "n", "fid_fm", "judg
     return out
 
 
+def _target(nfe_: int) -> int:
+    """The NFE column of a point: the smallest target the solver's calls fit in."""
+    return min((t for t in (*NFES, 20, 50) if t >= nfe_), default=nfe_)
+
+
+def _goals(b: Bench, args) -> list[str]:
+    """The issue's goals, checked against the cached results."""
+    def best_at(target, n):
+        rows = [r for r in _rows(b, method="cfg", scale=2.0, impl="condiff", spacing="linspace", n=n)
+                if _target(r["nfe"]) == target and r["solver"] != "ddim"]
+        return min(rows, key=lambda r: r["fid_fm"], default=None)
+
+    n_head = 1000 if _rows(b, method="cfg", scale=2.0, solver="ddim", steps=50, n=1000) else args.n
+    ref = next(iter(_rows(b, method="cfg", scale=2.0, solver="ddim", steps=50, n=n_head, impl="condiff")), None)
+    out = ["## Goals", ""]
+    if ref is None:
+        return out + ["(DDIM-50 not measured yet)"]
+    for target, limit, word in ((10, 1.10, "within 10% of"), (15, 1.0, "equal to or better than")):
+        r = best_at(target, n_head) or best_at(target, args.n)
+        if r:
+            ok = r["fid_fm"] <= limit * ref["fid_fm"]
+            out.append(f"- Best solver at {target} NFE with CFG w = 2: **{r['solver']}**, FID_fm {r['fid_fm']:.2f} "
+                       f"(judge {r['judge_accuracy']:.3f}, {r['n']} samples) against DDIM-50's {ref['fid_fm']:.2f} "
+                       f"(judge {ref['judge_accuracy']:.3f}, {ref['n']} samples): goal {word} DDIM-50 "
+                       f"{'met' if ok else 'NOT met'}.")
+    for method, scale in (("cfg", 6.0), ("classifier", 32.0)):
+        rows = _rows(b, method=method, scale=scale, impl="condiff")
+        for r in rows:
+            if r["solver"] == "ddim":
+                continue
+            base = next((d for d in rows if d["solver"] == "ddim" and _target(d["nfe"]) == _target(r["nfe"])), None)
+            if base:
+                ok = r["finite"] and r["judge_accuracy"] >= base["judge_accuracy"] - 0.01
+                out.append(f"- {method} {scale:g} at {r['nfe']} NFE, {r['solver']}: finite {r['finite']}, judge "
+                           f"{r['judge_accuracy']:.3f} against DDIM's {base['judge_accuracy']:.3f} "
+                           f"({'met' if ok else 'NOT met'}; 0.01 tolerance, about one standard error at 500 samples).")
+    ov = args.out / "overhead.json"
+    if ov.is_file():
+        data = json.loads(ov.read_text())
+        worst = max((v["overhead"], s) for s, v in data.get("solvers", {}).items())
+        out.append(f"- Solver overhead: at most {worst[0] * 100:.2f}% of network time ({worst[1]}); goal 2%: "
+                   f"{'met' if worst[0] <= 0.02 else 'NOT met'}.")
+        if "diffusers" in data:
+            d = data["diffusers"]
+            out.append(f"- Time against diffusers' DPMSolverMultistepScheduler at {d['nfe']} NFE, CFG w = 2, batch "
+                       f"{d['batch']}: condiff dpm++2m / diffusers = {d['ratio']:.3f} (median of {d['repeats']} "
+                       f"alternating runs; goal <= 1.0: {'met' if d['ratio'] <= 1.0 else 'NOT met'}).")
+    return out
+
+
 def write_report(b: Bench, args) -> None:
     from condiff.plots import Panel, Series, save_panels
 
     lines = ["# Solvers: quality against network calls", "",
              "Generated by `benchmarks/bench_solvers.py report` from the cached runs of "
-             "`benchmarks/bench_solvers.py run` (shipped models, DDIM-style linspace spacing, x0 clipped to "
-             "[-1, 1]; FID_fm and judge accuracy by the independent judge; seconds per image on the 2-core CPU, "
-             "one thread).", ""]
-    cfg = [r for r in _rows(b, method="cfg", scale=2.0, impl="condiff")]
+             "`benchmarks/bench_solvers.py run` on the shipped models: linspace step spacing unless stated, "
+             "x0 clipped to [-1, 1] (condiff's default), FID_fm and judge accuracy by the independent judge, "
+             "the same x_T for every solver. Seconds per image were taken on a busy 2-core CPU (one thread, "
+             "other jobs running): compare them within a row, and use the side-by-side timings below for "
+             "ratios.", ""]
+    lines += _goals(b, args)
+    cfg = [r for r in _rows(b, method="cfg", scale=2.0, impl="condiff", spacing="linspace", n=args.n)]
     solvers = sorted({r["solver"] for r in cfg})
-    nfes = sorted({r["nfe"] for r in cfg if r["n"] == args.n})
-    lines += ["## CFG w = 2: FID_fm / judge accuracy at each NFE "
-              f"({args.n} samples per point)", "",
-              "| solver | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    cols = sorted({_target(r["nfe"]) for r in cfg})
+    lines += ["", f"## CFG w = 2: FID_fm / judge accuracy at each NFE ({args.n} samples per point)", "",
+              "A column holds the largest step count whose NFE fits (Heun: 2K - 2 calls for K steps).", "",
+              "| solver | " + " | ".join(f"NFE {k}" for k in cols) + " |", "|---|" + "---|" * len(cols)]
     for s in solvers:
-        by = {r["nfe"]: r for r in cfg if r["solver"] == s and r["n"] == args.n}
-        lines.append(f"| {s} | " + " | ".join(_cell(by.get(k)) for k in nfes) + " |")
-    panels = [Panel("CFG w=2: FID_fm against NFE", "network calls per image (NFE)", "FID_fm"),
+        by = {_target(r["nfe"]): r for r in cfg if r["solver"] == s}
+        lines.append(f"| {s} | " + " | ".join(_cell(by.get(k)) for k in cols) + " |")
+    panels = [Panel("CFG w=2: FID_fm against NFE", "network calls per image (NFE)", "FID_fm", yrange=(0, 80)),
               Panel("CFG w=2: judge accuracy against NFE", "network calls per image (NFE)", "judge accuracy")]
     for s in solvers:
-        pts = sorted((r["nfe"], r) for r in cfg if r["solver"] == s and r["n"] == args.n)
-        panels[0].series.append(Series([k for k, _ in pts], [r["fid_fm"] for _, r in pts], s))
+        pts = sorted((r["nfe"], r) for r in cfg if r["solver"] == s)
+        panels[0].series.append(Series([k for k, _ in pts], [min(r["fid_fm"], 80) for _, r in pts], s))
         panels[1].series.append(Series([k for k, _ in pts], [r["judge_accuracy"] for _, r in pts], s))
     if cfg:
         save_panels(panels, args.docs / "solvers" / "quality-vs-nfe.png")
-        lines += ["", "![FID_fm and judge accuracy against NFE](solvers/quality-vs-nfe.png)"]
+        lines += ["", "![FID_fm (capped at 80) and judge accuracy against NFE](solvers/quality-vs-nfe.png)"]
     sections = [("Headline points, 1000 samples", dict(method="cfg", scale=2.0, n=1000)),
+                ("Step spacing at 10 NFE, CFG w = 2", dict(method="cfg", scale=2.0, impl="condiff", steps=10)),
                 ("Classifier guidance, gamma = 16 (null branch)", dict(method="classifier", scale=16.0)),
                 ("Text guidance, gamma = 100 (\"a photo of <class>\")", dict(method="text", scale=100.0)),
                 ("Large guidance: CFG w = 6", dict(method="cfg", scale=6.0)),
                 ("Large guidance: classifier gamma = 32", dict(method="classifier", scale=32.0)),
                 ("diffusers' DPMSolverMultistepScheduler against condiff's dpm++2m, CFG w = 2",
-                 dict(method="cfg", scale=2.0, solver="dpm++2m"))]
+                 dict(method="cfg", scale=2.0, solver="dpm++2m", n=args.n))]
     for title, match in sections:
         rows = _rows(b, **match)
         if rows:
-            lines += ["", f"## {title}", ""] + _table(rows)
+            lines += ["", f"## {title}", ""] + _table(rows, cols=("impl", "solver", "spacing", "options", "nfe", "n",
+                                                                  "fid_fm", "judge_accuracy", "diversity_ratio",
+                                                                  "saturated", "seconds_per_image"))
     ov = args.out / "overhead.json"
     if ov.is_file():
-        lines += ["", "## Solver overhead (wall time outside the network, NFE 25, batch 64)", "",
+        data = json.loads(ov.read_text())
+        lines += ["", "## Solver overhead (wall time outside the network, 25 NFE, CFG w = 2, batch 64)", "",
                   "| solver | overhead / network time |", "|---|---|"]
-        lines += [f"| {s} | {v['overhead'] * 100:.2f}% |" for s, v in json.loads(ov.read_text()).items()]
+        lines += [f"| {s} | {v['overhead'] * 100:.2f}% |" for s, v in data.get("solvers", {}).items()]
     (args.docs / "solvers.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.docs / 'solvers.md'}")
 
