@@ -74,7 +74,7 @@ def load_classifier(path, device="cpu", trust_pickle: bool = False):
 def generate(model, schedule: Schedule, n: int, *, shape: Sequence[int], cond=None, sampler: str = DEFAULT_SAMPLER,
              steps: int | Sequence[int] | None = DEFAULT_STEPS, spacing: str = DEFAULT_SPACING,
              clip_x0: float | None = DEFAULT_CLIP_X0, threshold: float | None = None, mean_shift=None, seed: int = 0,
-             batch_size: int = 256, device="cpu", progress: bool = False, start: int = 0,
+             batch_size: int = 256, device="cpu", progress: bool = False, start: int = 0, callback=None,
              **options) -> torch.Tensor:
     """Sample ``n`` images of ``shape`` (C, H, W) in batches with solver ``sampler``.
 
@@ -89,6 +89,9 @@ def generate(model, schedule: Schedule, n: int, *, shape: Sequence[int], cond=No
     ``clip_x0`` and ``threshold`` are :class:`condiff.compose.Sampling`'s fields
     (``**Sampling(...).kwargs()`` passes them all).  ``clip_x0`` (default 1) clamps
     the predicted x_0 to the data range at every step; 0 or None turns it off.
+
+    ``callback`` is called at every step of every batch with the solver's dict
+    (keys ``i, t, x, x0, eps``: the step, its timestep, x_s, the predicted x_0 and eps).
     """
     if n < 1:
         raise CondiffError(f"number of samples must be >= 1, got {n}")
@@ -105,6 +108,8 @@ def generate(model, schedule: Schedule, n: int, *, shape: Sequence[int], cond=No
         extra["threshold"] = threshold
     if mean_shift is not None:
         extra["mean_shift"] = mean_shift
+    if callback is not None:
+        extra["callback"] = callback
     out = []
     batches = range(start // batch_size, -(-(start + n) // batch_size))
     for b in batches:
