@@ -405,6 +405,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.request import load_models
+
+    models = load_models(args.ckpt, args.classifier, args.text_encoder, args.image_encoder, text=not args.no_text,
+                         device=args.device)
+    for note in models.notes:
+        print(f"condiff serve: {note}", file=sys.stderr)
+    from .serve.app import serve
+
+    serve(models, args.host, args.port)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -535,6 +548,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a measured result for the card's Measured section; repeat for several "
                         "('wall time=...' replaces the logged wall time)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a local web page: pick guidance, watch the image form (needs condiff[serve])",
+                       description="Serve a web page on HOST:PORT (default 127.0.0.1:7860) that samples with any "
+                                   "combination of classifier-free, classifier, text, reference-image and style "
+                                   "guidance, shows the x0 prediction while denoising, a scale strip, the time "
+                                   "taken and the equivalent condiff sample command. Models load once at start: "
+                                   "the shipped ones unless --ckpt is given. Needs pip install 'condiff[serve]'.",
+                       epilog=EPILOG)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int_range(1, 65535), default=7860, help="port (default 7860)")
+    p.add_argument("--ckpt", default=None, help="eps-model checkpoint (default: shipped, with its shipped companions)")
+    p.add_argument("--classifier", default=None, help="noise-aware classifier (default with the shipped model: shipped)")
+    p.add_argument("--text-encoder", default=None, help="text-aligned encoder (default with the shipped model: shipped)")
+    p.add_argument("--image-encoder", default=None, help="image encoder for reference and style images "
+                                                         "(default with the shipped model: shipped)")
+    p.add_argument("--no-text", action="store_true", help="do not load the sentence embedder (text guidance off; "
+                                                           "starts about 15 s sooner)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present; default)")
+    p.set_defaults(func=cmd_serve)
 
     from .cli_eval import register as register_eval  # train-judge, evaluate, sweep
 
