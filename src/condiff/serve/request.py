@@ -222,16 +222,20 @@ def validate(req: Request, models: Models) -> Request:
     style = _upload("style image", req.style) if "style" in methods else None
     req = replace(req, methods=methods, class_name=class_name, prompt=prompt, reference=reference, style=style,
                   steps=steps, n=n, seed=seed, strip=bool(req.strip), **fields)
-    if reference is not None or style is not None:  # a non-image upload fails here, before any sampling
-        _images(req, models)
+    for name, path in (("reference image", reference), ("style image", style)):
+        if path is not None:  # a non-image upload fails here, before any sampling
+            try:
+                _image(path, models)
+            except CondiffError as e:  # the upload's own name, not the server's temp path
+                raise CondiffError(f"{name} {str(e).replace(path, os.path.basename(path))}") from None
     return req
 
 
-def _images(req: Request, models: Models) -> dict:
+def _image(path: str, models: Models) -> torch.Tensor:
     from ..images import load_image
 
     C, H, _ = models.shape
-    return {k: load_image(getattr(req, k), H, C) for k in ("reference", "style") if getattr(req, k) is not None}
+    return load_image(path, H, C)
 
 
 def _class_index(req: Request, models: Models) -> int:
@@ -263,12 +267,11 @@ def _sample(models: Models, req: Request, n: int, factor: float = 1.0, callback=
     if "text" in methods:
         terms.append(TextSimilarity.from_prompt(models.text_encoder, req.prompt, req.text_scale * factor,
                                                 models.text_model))
-    images = _images(req, models)
     if "image" in methods:
-        terms.append(ImageSimilarity.from_encoder(models.image_encoder, images["reference"],
+        terms.append(ImageSimilarity.from_encoder(models.image_encoder, _image(req.reference, models),
                                                   req.image_scale * factor))
     if "style" in methods:
-        terms.append(StyleSimilarity.from_encoder(models.image_encoder, images["style"], req.style_scale * factor,
+        terms.append(StyleSimilarity.from_encoder(models.image_encoder, _image(req.style, models), req.style_scale * factor,
                                                   models.schedule))
     use_cond = "cfg" in methods
     eps, shift = guided_model(model, models.schedule, cfg_w=req.cfg_w * factor if use_cond else None,

@@ -1,0 +1,374 @@
+"""``condiff serve``: the request layer, the page in headless Chromium (Selenium), and a load test over HTTP.
+
+The server runs as ``python -m condiff serve`` on a free port of 127.0.0.1; the browser is Debian's
+``chromium`` driven through ``/usr/bin/chromedriver`` (scripts/setup.sh installs both; nothing is
+downloaded at run time: Selenium Manager never runs because the driver path is given).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from condiff.errors import CondiffError
+from condiff.images import to_uint8
+from condiff.serve import MAX_IMAGES, MAX_UPLOAD_BYTES, Request, load_models, run, validate
+from helpers import one_thread, run_cli_inprocess  # noqa: F401 (autouse fixture)
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+REFERENCE = Path(__file__).parents[1] / "src" / "condiff" / "models" / "references" / "dress.png"
+FAST = dict(steps=5, n=3)  # a few steps of the shipped model: about 0.1 s per image on one thread
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_models(text=False, device="cpu")
+
+
+# ----------------------------------------------------------------------------- the request layer
+def test_bad_requests_are_one_line_errors(models, tmp_path):
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image\n")
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_UPLOAD_BYTES + 1)
+    with_text = replace(models, text_encoder=object(), text_model=object())  # validation never calls them
+    cases = [
+        (Request(("cfg",), "Sneaker", cfg_w=25.0), "cfg w must lie in [0, 20]"),
+        (Request(("classifier",), "Sneaker", classifier_scale=float("nan")), "classifier scale must lie"),
+        (Request(("cfg",), "Sneaker", n=MAX_IMAGES + 1), f"number of images must lie in [1, {MAX_IMAGES}]"),
+        (Request(("cfg",), "Sneaker", steps=0), "steps must lie"),
+        (Request(("cfg",), "Sneaker", seed=1.5), "seed must be a whole number"),
+        (Request(("cfg",), "Sneaker", sampler="euler-nope"), "unknown sampler"),
+        (Request(("cfg",), "Sandwich"), "unknown class 'Sandwich'"),
+        (Request(("cfg",), None), "choose a class"),
+        (Request(("warp",)), "unknown method 'warp'"),
+        (Request(("text",), prompt="a shoe"), "text prompt (eq 15) is not available on this server"),
+        (Request(("image",), reference=str(text_file)), "not a readable image"),
+        (Request(("style",), style=str(huge)), "the file is too large"),
+        (Request(("image",), reference=None), "reference image: upload an image first"),
+    ]
+    for req, message in cases:
+        with pytest.raises(CondiffError, match=None) as e:
+            validate(req, models)
+        assert message in str(e.value) and "\n" not in str(e.value), (req, str(e.value))
+    with pytest.raises(CondiffError, match="the text prompt is empty"):
+        validate(Request(("text",), prompt="   \n"), with_text)
+    with pytest.raises(CondiffError, match="too long"):
+        validate(Request(("text",), prompt="shoe " * 100), with_text)
+
+
+def test_request_equals_the_command_line_it_prints(models, tmp_path, monkeypatch):
+    """The page's command line makes the same images as the page (CFG + classifier + reference image)."""
+    req = Request(("cfg", "classifier", "image"), "dress", reference=str(REFERENCE), cfg_w=1.5, classifier_scale=2.0,
+                  image_scale=50.0, sampler="ddpm", strip=False, seed=7, **FAST)
+    seen = []
+    result = run(models, req, lambda done, total, x0: seen.append((done, total, tuple(x0.shape))))
+    assert [s[0] for s in seen] == list(range(1, FAST["steps"] + 1)) and seen[0][1:] == (FAST["steps"], (3, 1, 28, 28))
+    assert result.request.class_name == "Dress" and result.strip is None and result.labels.tolist() == [3] * 3
+    argv = shlex.split(result.command)
+    assert argv[:2] == ["condiff", "sample"] and argv[argv.index("--image") + 1] == "dress.png"
+    (tmp_path / "dress.png").write_bytes(REFERENCE.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli_inprocess(argv[1:] + ["--no-progress"])
+    assert code == 0, err
+    assert np.array_equal(np.load(tmp_path / "samples.npz")["images"], to_uint8(result.images))
+
+
+def test_scale_strip_is_the_same_seeds_at_scaled_guidance(models):
+    req = Request(("cfg",), "Trouser", cfg_w=3.0, seed=2, steps=4, n=2)
+    result = run(models, req)
+    k, F = 2, len(result.strip_factors)
+    assert result.strip_factors == (0.0, 0.5, 1.0, 2.0) and result.strip.shape == (k * F, 1, 28, 28)
+    strip = result.strip.view(k, F, 1, 28, 28)
+    assert torch.equal(strip[:, 2], result.images[:k])  # factor 1 is the request itself (DDIM: deterministic)
+    w0 = run(models, replace(req, cfg_w=0.0, strip=False)).images  # factor 0: w = 0, plain conditional
+    assert torch.equal(strip[:, 0], w0)
+    assert not torch.equal(strip[:, 0], strip[:, 3])
+
+
+# ----------------------------------------------------------------------------- the server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``condiff serve`` in a subprocess on 127.0.0.1 (one thread, no text model); yields its base URL."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "condiff", "serve", "--no-text", "--device", "cpu",
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    try:
+        while True:
+            assert proc.poll() is None, f"condiff serve exited: {log.read_text()}"
+            try:
+                with urllib.request.urlopen(url + "/", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.perf_counter() - t0 < 90, f"condiff serve did not answer in 90 s: {log.read_text()}"
+            time.sleep(0.3)
+        yield {"url": url, "proc": proc, "log": log, "start_s": time.perf_counter() - t0}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, -15), log.read_text()
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _get(url: str) -> bytes:
+    assert url.startswith("http://127.0.0.1:"), url  # never an outside address
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read()
+
+
+def _call(base: str, req: Request, timeout: float = 120) -> tuple[str, object]:
+    """One generate call over Gradio's HTTP API: ("complete", outputs) or ("error", Gradio's message)."""
+    data = [list(req.methods), req.class_name, req.prompt, None, None, req.cfg_w, req.classifier_scale,
+            req.text_scale, req.image_scale, req.style_scale, req.sampler, req.steps, req.eta, req.seed, req.n,
+            req.strip]
+    post = urllib.request.Request(base + "/gradio_api/call/generate", json.dumps({"data": data}).encode(),
+                                  {"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=30) as r:
+        event_id = json.load(r)["event_id"]
+    event, last = None, None
+    with urllib.request.urlopen(f"{base}/gradio_api/call/generate/{event_id}", timeout=timeout) as r:
+        for raw in r:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                last = (event, json.loads(line.split(":", 1)[1]))
+                break
+    assert last is not None, "the event stream ended without a result"
+    return last
+
+
+def _api(base: str, req: Request, timeout: float = 120) -> list:
+    """The final outputs (status, preview, grid, strip, summary, command, files) of one generate call."""
+    event, out = _call(base, req, timeout)
+    assert event == "complete", out
+    return out
+
+
+def _npz_images(base: str, files: list) -> np.ndarray:
+    (npz,) = [f for f in files if f["path"].endswith(".npz")]
+    return np.load(io.BytesIO(_get(npz["url"] if npz["url"].startswith("http") else base + npz["url"])))["images"]
+
+
+def test_load_eight_concurrent_requests_are_each_bit_identical_to_one_alone(server, models, record_property):
+    reqs = [Request(("cfg",), "Bag", seed=100 + i, steps=4, n=2, strip=False) for i in range(8)]
+    alone = {r.seed: to_uint8(run(models, r).images) for r in reqs}  # the library, one request at a time
+    t0 = time.perf_counter()
+    one = _api(server["url"], reqs[0])
+    t_one = time.perf_counter() - t0
+    outputs, times, errors = {}, {}, []
+
+    def client(r):
+        try:
+            t = time.perf_counter()
+            outputs[r.seed] = _api(server["url"], r)
+            times[r.seed] = time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(r,)) for r in reqs]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    wall = time.perf_counter() - t0
+    assert not errors and len(outputs) == 8, errors
+    assert np.array_equal(_npz_images(server["url"], one[-1]), alone[reqs[0].seed])
+    for r in reqs:
+        got = _npz_images(server["url"], outputs[r.seed][-1])
+        assert np.array_equal(got, alone[r.seed]), f"seed {r.seed}: the server's images differ from the library's"
+        assert f"--seed {r.seed} " in outputs[r.seed][5]
+    assert len({a.tobytes() for a in alone.values()}) == 8  # different seeds, different images
+    record_property("figures", f"1 client {t_one:.2f} s; 8 concurrent: all done in {wall:.2f} s, per request "
+                               f"{min(times.values()):.2f}-{max(times.values()):.2f} s; server peak RSS "
+                               f"{_peak_rss_mib(server['proc'].pid):.0f} MiB")
+
+
+def test_bad_input_over_http_is_a_message_and_the_server_keeps_running(server):
+    # out of the sliders' ranges: Gradio's own check answers first (the page shows it as an error box)
+    event, out = _call(server["url"], Request(("cfg",), "Sneaker", cfg_w=1e6, **FAST))
+    assert event == "error" and "greater than maximum value 20" in out["error"], out
+    event, out = _call(server["url"], Request(("cfg",), "Sneaker", n=10_000, steps=2))
+    assert event == "error" and "greater than maximum value 64" in out["error"], out
+    # what the widgets cannot check: condiff's message in the page's status box
+    out = _api(server["url"], Request(("text",), prompt="a shoe", **FAST))
+    assert "condiff-error" in out[0] and "text prompt (eq 15) is not available" in out[0], out[0]
+    out = _api(server["url"], Request(("image",), None, **FAST))
+    assert "reference image: upload an image first" in out[0], out[0]
+    out = _api(server["url"], Request((), None, steps=2, n=1, strip=False))  # still serving
+    assert "condiff-error" not in out[0] and _npz_images(server["url"], out[-1]).shape == (1, 28, 28, 1)
+
+
+# ----------------------------------------------------------------------------- the page in a real browser
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path in (CHROMIUM, CHROMEDRIVER):  # scripts/setup.sh installs Debian's chromium and chromium-driver
+        assert Path(path).is_file(), f"{path} is missing: run scripts/setup.sh (apt-get install chromium chromium-driver)"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,2200",
+                "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                "--disable-sync", "--disable-extensions", "--disable-default-apps"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)  # a given driver: no Selenium Manager
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _set_number(driver, elem_id: str, value) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+
+def _toggle(driver, label: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.XPATH, f"//fieldset[@id='methods']//label[contains(., '{label}')]").click()
+
+
+def _upload(driver, elem_id: str, path: Path, timeout: float = 30) -> None:
+    """Choose ``path`` in the file input of ``elem_id``; wait until the page lists the uploaded file."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]").send_keys(str(path))
+    deadline = time.perf_counter() + timeout
+    while not driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} a[download='{path.name}']"):
+        assert time.perf_counter() < deadline, f"the upload of {path.name} did not finish"
+        time.sleep(0.1)
+
+
+def _generate(driver, timeout: float = 120) -> tuple[float | None, float]:
+    """Press Generate; wait for the downloads of a new result or an error. Returns (first preview s, total s)."""
+    from selenium.webdriver.common.by import By
+
+    old = {a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a")}
+    driver.find_element(By.ID, "generate").click()
+    t0, first = time.perf_counter(), None
+    while time.perf_counter() - t0 < timeout:
+        if first is None and driver.find_elements(By.CSS_SELECTOR, "#preview img"):
+            first = time.perf_counter() - t0
+        if driver.find_elements(By.ID, "condiff-error"):
+            return first, time.perf_counter() - t0
+        links = {a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a")}
+        if links and links != old and "done in" in driver.find_element(By.ID, "status").text:
+            return first, time.perf_counter() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"no result in {timeout} s: {driver.find_element(By.ID, 'status').text}")
+
+
+def _downloaded_npz(driver) -> np.ndarray:
+    from selenium.webdriver.common.by import By
+
+    (href,) = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a")
+               if ".npz" in a.get_attribute("href")]
+    return np.load(io.BytesIO(_get(href)))["images"]
+
+
+def test_page_in_headless_chromium(server, browser, models, tmp_path, record_property):
+    from selenium.webdriver.common.by import By
+
+    t_test = time.perf_counter()
+    browser.get(server["url"] + "/")
+    deadline = time.perf_counter() + 60
+    while not browser.find_elements(By.ID, "generate"):
+        assert time.perf_counter() < deadline, "the page did not render"
+        time.sleep(0.1)
+
+    # 1. CFG "Sneaker" (the page's defaults: CFG checked, class Sneaker), a few steps
+    _set_number(browser, "steps", 5)
+    _set_number(browser, "n", 4)
+    _set_number(browser, "seed", 11)
+    first_preview, total = _generate(browser)
+    assert first_preview is not None and first_preview < total, "no x0 preview was shown while denoising"
+    expected = run(models, Request(("cfg",), "Sneaker", seed=11, steps=5, n=4, strip=False)).images
+    assert np.array_equal(_downloaded_npz(browser), to_uint8(expected))
+    grid = np.asarray(Image.open(io.BytesIO(_get(browser.find_element(By.CSS_SELECTOR, "#grid img")
+                                                 .get_attribute("src")))).convert("L"))
+    from condiff.serve.app import _upscaled
+
+    assert np.array_equal(grid, _upscaled(expected)), "the grid shown differs from the library's images"
+    strip = browser.find_element(By.CSS_SELECTOR, "#strip img").get_attribute("src")
+    assert Image.open(io.BytesIO(_get(strip))).size[0] > 0
+    command = browser.find_element(By.CSS_SELECTOR, "#command textarea").get_attribute("value")
+    assert command.startswith("condiff sample --class Sneaker --cfg-w 2 ") and "--seed 11" in command
+    assert "s" in browser.find_element(By.ID, "summary").text and "4 images" in browser.find_element(By.ID, "summary").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#condiff-progress progress")
+
+    # 2. add a reference image (CFG + reference-image guidance)
+    _toggle(browser, "reference image")
+    _upload(browser, "reference", REFERENCE)
+    _generate(browser)
+    assert not browser.find_elements(By.ID, "condiff-error"), browser.find_element(By.ID, "status").text
+    expected = run(models, Request(("cfg", "image"), "Sneaker", reference=str(REFERENCE), seed=11, steps=5, n=4,
+                                   strip=False)).images
+    assert np.array_equal(_downloaded_npz(browser), to_uint8(expected))
+
+    # 3. a text file as the style image: a clear message in the page
+    _toggle(browser, "style image")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("this is not an image\n")
+    _upload(browser, "style", notes)
+    _generate(browser)
+    error = browser.find_element(By.ID, "condiff-error").text
+    assert "style image notes.txt: not a readable image" in error, error
+
+    # nothing the page loaded came from outside this machine
+    urls = set()
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.add(message["params"]["request"]["url"])
+    outside = sorted(u for u in urls if not u.startswith((server["url"], "data:", "blob:")))
+    assert not outside, outside
+    assert server["proc"].poll() is None
+    record_property("figures", f"server start {server['start_s']:.1f} s; first x0 preview in the page "
+                               f"{first_preview:.2f} s after Generate; browser test {time.perf_counter() - t_test:.1f} s")
