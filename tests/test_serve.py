@@ -100,6 +100,10 @@ def test_scale_strip_is_the_same_seeds_at_scaled_guidance(models):
     w0 = run(models, replace(req, cfg_w=0.0, strip=False)).images  # factor 0: w = 0, plain conditional
     assert torch.equal(strip[:, 0], w0)
     assert not torch.equal(strip[:, 0], strip[:, 3])
+    from condiff.serve.request import scale_labels
+
+    assert scale_labels(replace(req, methods=("cfg", "image"), image_scale=50.0), result.strip_factors) == \
+        ["w 0, image 0", "w 1.5, image 25", "w 3, image 50", "w 6, image 100"]
 
 
 # ----------------------------------------------------------------------------- the server

@@ -20,7 +20,8 @@ import traceback
 from pathlib import Path
 
 from ..errors import CondiffError
-from .request import LIMITS, MAX_IMAGES, MAX_STEPS, MAX_UPLOAD_BYTES, METHODS, Request, Result, run, save_result
+from .request import (LIMITS, MAX_IMAGES, MAX_STEPS, MAX_UPLOAD_BYTES, METHODS, Request, Result, run, save_result,
+                      scale_labels)
 
 __all__ = ["build_app", "serve", "QUEUE_SIZE"]
 
@@ -87,8 +88,9 @@ def _summary(result: Result) -> str:
     lines = [f"**{r.n} images** ({what}) in **{result.seconds:.2f} s**"
              + (f"; first preview after {result.first_preview_s:.2f} s" if result.first_preview_s else "")]
     if result.strip is not None:
-        lines.append("Scale strip (rows: the first seeds; columns: every scale times "
-                     + ", ".join(f"{f:g}" for f in result.strip_factors) + ")")
+        columns = " | ".join(scale_labels(r, result.strip_factors))
+        lines.append(f"Scale strip: rows are the first {len(result.strip) // len(result.strip_factors)} seeds, "
+                     f"columns every scale times {', '.join(f'{f:g}' for f in result.strip_factors)}: {columns}")
     return "\n\n".join(lines)
 
 

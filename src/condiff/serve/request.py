@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CondiffError
 
-__all__ = ["METHODS", "LIMITS", "MAX_UPLOAD_BYTES", "MAX_IMAGES", "MAX_STEPS", "MAX_PROMPT", "STRIP_FACTORS",
+__all__ = ["scale_labels", "METHODS", "LIMITS", "MAX_UPLOAD_BYTES", "MAX_IMAGES", "MAX_STEPS", "MAX_PROMPT", "STRIP_FACTORS",
            "STRIP_IMAGES", "Models", "load_models", "Request", "Result", "validate", "run", "command_line",
            "save_result"]
 
@@ -279,6 +279,16 @@ def _sample(models: Models, req: Request, n: int, factor: float = 1.0, callback=
     return generate(eps, models.schedule, n, shape=models.shape, cond=y if use_cond else None,
                     sampler=req.sampler, steps=req.steps, eta=req.eta, mean_shift=shift, seed=req.seed,
                     device=models.device, callback=callback)
+
+
+SCALE_NAMES = {"cfg": ("cfg_w", "w"), "classifier": ("classifier_scale", "classifier"),
+               "text": ("text_scale", "text"), "image": ("image_scale", "image"), "style": ("style_scale", "style")}
+
+
+def scale_labels(req: Request, factors) -> list:
+    """One label per strip column: the scales of the request's methods at that factor ("w 2, image 50")."""
+    return [", ".join(f"{SCALE_NAMES[m][1]} {getattr(req, SCALE_NAMES[m][0]) * f:g}" for m in req.methods)
+            for f in factors]
 
 
 @dataclass
