@@ -252,6 +252,9 @@ def capped(monkeypatch, tmp_path):
 
     monkeypatch.setattr(training.TrainConfig, "validate", capped_validate)
     monkeypatch.setattr(samplers, "respace", capped_respace)
+    import condiff.serve.app as serve_app
+
+    monkeypatch.setattr(serve_app, "serve", lambda *a, **k: None)  # condiff serve: check and load, never listen
 
 
 def test_any_arguments_exit_0_or_2_without_traceback(world, capped, tmp_path, record_property):

@@ -112,9 +112,9 @@ def load_models(ckpt=None, classifier=None, text_encoder=None, image_encoder=Non
     if text_path is not None and text:
         from ..similarity.text import load_text_encoder
 
+        models.text_encoder = _encoder(load_encoder(text_path, "text", device)[0], text_path, models.shape)
         try:
             models.text_model = load_text_encoder(device)
-            models.text_encoder = _encoder(load_encoder(text_path, "text", device)[0], text_path, models.shape)
         except CondiffError as e:  # the optional extra condiff[text] is missing
             notes.append(f"text guidance: {e}")
     elif text_path is not None:
