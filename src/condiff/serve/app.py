@@ -225,7 +225,11 @@ def serve(models, host: str = "127.0.0.1", port: int = 7860, *, block: bool = Tr
     """Start the page on http://host:port; returns the Gradio app (``block=False``: serve in the background)."""
     gr = _gradio()
     app = build_app(models)
-    app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, pwa=False,
-               mcp_server=False, enable_monitoring=False, max_file_size=MAX_UPLOAD_BYTES, quiet=False,
-               footer_links=["api"], theme=_theme(gr), prevent_thread_lock=not block, show_error=True)
+    try:
+        app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, pwa=False,
+                   mcp_server=False, enable_monitoring=False, max_file_size=MAX_UPLOAD_BYTES, quiet=False,
+                   footer_links=["api"], theme=_theme(gr), prevent_thread_lock=not block, show_error=True)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise CondiffError(f"cannot listen on {host}:{port} ({str(e).split('. ')[0]}); choose another --port "
+                           "or --host") from None
     return app
