@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import CondiffError
 from .request import (LIMITS, MAX_IMAGES, MAX_STEPS, MAX_UPLOAD_BYTES, METHODS, Request, Result, run, save_result,
-                      scale_labels)
+                      scale_labels, solvers)
 
 __all__ = ["build_app", "serve", "QUEUE_SIZE"]
 
@@ -96,8 +96,6 @@ def _summary(result: Result) -> str:
 
 def build_app(models):
     """The Gradio Blocks of the page for loaded :class:`~condiff.serve.request.Models`."""
-    from ..samplers import SAMPLERS
-
     gr = _gradio()
     results = _Results()
     available = models.available()
@@ -129,7 +127,7 @@ def build_app(models):
                     sliders[key] = gr.Slider(lo, hi, value=getattr(defaults, key), label=label,
                                              elem_id=key.replace("_", "-"))
                 with gr.Row():
-                    sampler = gr.Dropdown(list(SAMPLERS), value=defaults.sampler, label="Sampler", elem_id="sampler")
+                    sampler = gr.Dropdown(solvers(), value=defaults.sampler, label="Sampler", elem_id="sampler")
                     steps = gr.Slider(1, MAX_STEPS, value=defaults.steps, step=1, label="Steps", elem_id="steps")
                     eta = gr.Slider(*LIMITS["eta"], value=defaults.eta, label="DDIM eta", elem_id="eta")
                 with gr.Row():

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CondiffError
 
-__all__ = ["scale_labels", "METHODS", "LIMITS", "MAX_UPLOAD_BYTES", "MAX_IMAGES", "MAX_STEPS", "MAX_PROMPT", "STRIP_FACTORS",
+__all__ = ["solvers", "scale_labels", "METHODS", "LIMITS", "MAX_UPLOAD_BYTES", "MAX_IMAGES", "MAX_STEPS", "MAX_PROMPT", "STRIP_FACTORS",
            "STRIP_IMAGES", "Models", "load_models", "Request", "Result", "validate", "run", "command_line",
            "save_result"]
 
@@ -187,8 +187,6 @@ def _upload(name: str, path) -> str:
 def validate(req: Request, models: Models) -> Request:
     """Every field checked against the limits and the loaded models; a one-line error otherwise."""
     from ..data import resolve_class
-    from ..samplers import SAMPLERS
-
     methods = tuple(dict.fromkeys(req.methods or ()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -199,8 +197,8 @@ def validate(req: Request, models: Models) -> Request:
             why = "; ".join(models.notes) or "its model is not loaded"
             raise CondiffError(f"{METHODS[m]} is not available on this server ({why})")
     fields = {k: _number(k.replace("_", " "), getattr(req, k), *LIMITS[k]) for k in LIMITS}
-    if req.sampler not in SAMPLERS:
-        raise CondiffError(f"unknown sampler {req.sampler!r} (choose {', '.join(SAMPLERS)})")
+    if req.sampler not in solvers():
+        raise CondiffError(f"unknown sampler {req.sampler!r} (choose {', '.join(solvers())})")
     steps = _integer("steps", req.steps, 1, min(MAX_STEPS, models.schedule.T))
     n = _integer("number of images", req.n, 1, MAX_IMAGES)
     seed = _integer("seed", req.seed, 0, MAX_SEED)
@@ -243,6 +241,11 @@ def _class_index(req: Request, models: Models) -> int:
 
     names = models.class_names
     return resolve_class(req.class_name, names, len(names) or None)
+
+
+def solvers() -> list:
+    """The samplers the page offers: those :func:`condiff.pipeline.generate` runs."""
+    return ["ddim", "ddpm"]
 
 
 def _sample(models: Models, req: Request, n: int, factor: float = 1.0, callback=None) -> torch.Tensor:
