@@ -73,16 +73,23 @@ def test_bad_requests_are_one_line_errors(models, tmp_path):
         validate(Request(("text",), prompt="shoe " * 100), with_text)
 
 
-def test_request_equals_the_command_line_it_prints(models, tmp_path, monkeypatch):
-    """The page's command line makes the same images as the page (CFG + classifier + reference image)."""
-    req = Request(("cfg", "classifier", "image"), "dress", reference=str(REFERENCE), cfg_w=1.5, classifier_scale=2.0,
-                  image_scale=50.0, sampler="ddpm", strip=False, seed=7, **FAST)
+@pytest.mark.parametrize("methods,sampler,eta", [(("cfg", "classifier", "image"), "ddpm", 0.0),
+                                                 (("style",), "euler-ancestral", 0.5)])
+def test_request_equals_the_command_line_it_prints(models, tmp_path, monkeypatch, methods, sampler, eta):
+    """The page's command line makes the same images as the page (any methods, any solver)."""
+    req = Request(methods, "dress", reference=str(REFERENCE), style=str(REFERENCE), cfg_w=1.5, classifier_scale=2.0,
+                  image_scale=50.0, style_scale=20.0, sampler=sampler, eta=eta, strip=False, seed=7, **FAST)
     seen = []
     result = run(models, req, lambda done, total, x0: seen.append((done, total, tuple(x0.shape))))
     assert [s[0] for s in seen] == list(range(1, FAST["steps"] + 1)) and seen[0][1:] == (FAST["steps"], (3, 1, 28, 28))
-    assert result.request.class_name == "Dress" and result.strip is None and result.labels.tolist() == [3] * 3
+    assert result.strip is None
+    if "cfg" in methods:
+        assert result.request.class_name == "Dress" and result.labels.tolist() == [3] * 3
     argv = shlex.split(result.command)
-    assert argv[:2] == ["condiff", "sample"] and argv[argv.index("--image") + 1] == "dress.png"
+    flag = "--image" if "image" in methods else "--style"
+    assert argv[:2] == ["condiff", "sample"] and argv[argv.index(flag) + 1] == "dress.png"
+    assert ("--eta" in argv) == (sampler == "euler-ancestral")  # ddpm takes no eta; 0.5 is not euler-a's default
+    assert sampler != "euler-ancestral" or argv[argv.index("--eta") + 1] == "0.5"
     (tmp_path / "dress.png").write_bytes(REFERENCE.read_bytes())
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli_inprocess(argv[1:] + ["--no-progress"])

@@ -91,6 +91,8 @@ def _summary(result: Result) -> str:
         columns = " | ".join(scale_labels(r, result.strip_factors))
         lines.append(f"Scale strip: rows are the first {len(result.strip) // len(result.strip_factors)} seeds, "
                      f"columns every scale times {', '.join(f'{f:g}' for f in result.strip_factors)}: {columns}")
+    if result.warning:
+        lines.append(f"**Warning:** {result.warning}")
     return "\n\n".join(lines)
 
 

@@ -220,6 +220,7 @@ def validate(req: Request, models: Models) -> Request:
     style = _upload("style image", req.style) if "style" in methods else None
     req = replace(req, methods=methods, class_name=class_name, prompt=prompt, reference=reference, style=style,
                   steps=steps, n=n, seed=seed, strip=bool(req.strip), **fields)
+    _sampling(req).validate(models.schedule)  # steps against T, the solver's options
     for name, path in (("reference image", reference), ("style image", style)):
         if path is not None:  # a non-image upload fails here, before any sampling
             try:
@@ -244,29 +245,38 @@ def _class_index(req: Request, models: Models) -> int:
 
 
 def solvers() -> list:
-    """The samplers the page offers: those :func:`condiff.pipeline.generate` runs."""
-    return ["ddim", "ddpm"]
+    """The samplers the page offers: every solver of :data:`condiff.samplers.SAMPLERS`."""
+    from ..samplers import SAMPLERS
+
+    return list(SAMPLERS)
+
+
+def _sampling(req: Request):
+    """The request's :class:`condiff.compose.Sampling`: eta only for solvers that take it."""
+    from ..compose import Sampling, solver_options
+
+    takes_eta = "eta" in solver_options(req.sampler)
+    return Sampling(req.sampler, req.steps, options={"eta": req.eta} if takes_eta else {})
 
 
 def _sample(models: Models, req: Request, n: int, factor: float = 1.0, callback=None) -> torch.Tensor:
     """The adapter: ``req`` with every guidance scale times ``factor`` -> n images, as ``condiff sample``.
 
-    The only place where the server composes guidance (today :func:`condiff.pipeline.guided_model`
-    and :func:`condiff.pipeline.generate`).
+    The only place where the server composes guidance: a :class:`condiff.compose.Guidance` of
+    the request's terms, :func:`condiff.compose.compose`, :func:`condiff.pipeline.generate`.
     """
+    from ..compose import Guidance, class_guidance, compose
     from ..guidance import ClassifierTerm
-    from ..pipeline import generate, guided_model
+    from ..pipeline import generate
     from ..similarity.terms import ImageSimilarity, StyleSimilarity, TextSimilarity
 
     methods = set(req.methods)
-    model = models.diffusion
-    conditional = bool(getattr(model, "conditional", False))
-    y = None
-    if "cfg" in methods or "classifier" in methods:
-        y = torch.full((n,), _class_index(req, models), dtype=torch.long)
+    classes = "cfg" in methods or "classifier" in methods
+    how = class_guidance(models.diffusion, classes=classes, cfg_w=req.cfg_w * factor if "cfg" in methods else None,
+                         classifier="classifier" in methods)
     terms = []
-    if "classifier" in methods:
-        terms.append(ClassifierTerm(models.classifier, y.to(models.device), req.classifier_scale * factor))
+    if "classifier" in methods:  # its target class: cond["y"]
+        terms.append(ClassifierTerm(models.classifier, None, req.classifier_scale * factor))
     if "text" in methods:
         terms.append(TextSimilarity.from_prompt(models.text_encoder, req.prompt, req.text_scale * factor,
                                                 models.text_model))
@@ -274,14 +284,13 @@ def _sample(models: Models, req: Request, n: int, factor: float = 1.0, callback=
         terms.append(ImageSimilarity.from_encoder(models.image_encoder, _image(req.reference, models),
                                                   req.image_scale * factor))
     if "style" in methods:
-        terms.append(StyleSimilarity.from_encoder(models.image_encoder, _image(req.style, models), req.style_scale * factor,
-                                                  models.schedule))
-    use_cond = "cfg" in methods
-    eps, shift = guided_model(model, models.schedule, cfg_w=req.cfg_w * factor if use_cond else None,
-                              unconditional=conditional and not use_cond, terms=terms)
-    return generate(eps, models.schedule, n, shape=models.shape, cond=y if use_cond else None,
-                    sampler=req.sampler, steps=req.steps, eta=req.eta, mean_shift=shift, seed=req.seed,
-                    device=models.device, callback=callback)
+        terms.append(StyleSimilarity.from_encoder(models.image_encoder, _image(req.style, models),
+                                                  req.style_scale * factor, models.schedule))
+    sampling = _sampling(req)
+    eps, shift = compose(models.diffusion, models.schedule, Guidance(terms=terms, **how), sampling)
+    cond = {"y": torch.full((n,), _class_index(req, models), dtype=torch.long)} if classes else None
+    return generate(eps, models.schedule, n, shape=models.shape, cond=cond, mean_shift=shift, seed=req.seed,
+                    device=models.device, callback=callback, **sampling.kwargs())
 
 
 SCALE_NAMES = {"cfg": ("cfg_w", "w"), "classifier": ("classifier_scale", "classifier"),
@@ -306,6 +315,7 @@ class Result:
     seconds: float
     first_preview_s: float | None
     command: str
+    warning: str | None = None           # guidance saturated the images (condiff.compose.saturation_warning)
 
 
 def run(models: Models, req: Request, progress: Callable[[int, int, torch.Tensor], None] | None = None) -> Result:
@@ -336,12 +346,16 @@ def run(models: Models, req: Request, progress: Callable[[int, int, torch.Tensor
     strips = [_sample(models, req, k, f, callback=step) for f in factors]
     strip = torch.stack(strips, 1).flatten(0, 1) if strips else None  # (k, F, ...) -> row per seed
     labels = torch.full((req.n,), _class_index(req, models)) if req.class_name is not None else None
+    from ..compose import saturation_warning
+
     return Result(req, x, labels, strip, tuple(factors), time.perf_counter() - t0, first[0],
-                  command_line(req, models))
+                  command_line(req, models), saturation_warning(x))
 
 
 def command_line(req: Request, models: Models, out: str = "samples.png", npz: str = "samples.npz") -> str:
     """The ``condiff sample`` command that makes the same grid (uploads named by their file names)."""
+    from ..compose import solver_options
+
     q = shlex.quote
     args = ["condiff", "sample"]
     paths = models.paths
@@ -366,7 +380,8 @@ def command_line(req: Request, models: Models, out: str = "samples.png", npz: st
     if ("image" in m or "style" in m) and paths.get("image_encoder"):
         args += ["--image-encoder", q(paths["image_encoder"])]
     args += ["--sampler", req.sampler, "--steps", str(req.steps)]
-    if req.sampler == "ddim" and req.eta:
+    options = _sampling(req).options
+    if "eta" in options and options["eta"] != solver_options(req.sampler)["eta"]:
         args += ["--eta", f"{req.eta:g}"]
     args += ["--n", str(req.n), "--seed", str(req.seed), "--out", q(out), "--npz", q(npz)]
     return " ".join(args)
