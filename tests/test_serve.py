@@ -257,7 +257,8 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     for path in (CHROMIUM, CHROMEDRIVER):  # scripts/setup.sh installs Debian's chromium and chromium-driver
-        assert Path(path).is_file(), f"{path} is missing: run scripts/setup.sh (apt-get install chromium chromium-driver)"
+        assert Path(path).is_file(), f"{path} is missing: run scripts/setup.sh (apt-get install chromium " \
+                                     "chromium-driver)"
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,2200",
@@ -351,7 +352,8 @@ def test_page_in_headless_chromium(server, browser, models, tmp_path, record_pro
     assert Image.open(io.BytesIO(_get(strip))).size[0] > 0
     command = browser.find_element(By.CSS_SELECTOR, "#command textarea").get_attribute("value")
     assert command.startswith("condiff sample --class Sneaker --cfg-w 2 ") and "--seed 11" in command
-    assert "s" in browser.find_element(By.ID, "summary").text and "4 images" in browser.find_element(By.ID, "summary").text
+    summary = browser.find_element(By.ID, "summary").text
+    assert "4 images" in summary and "Scale strip" in summary and "w 0 | w 1 | w 2 | w 4" in summary, summary
     assert browser.find_elements(By.CSS_SELECTOR, "#condiff-progress progress")
 
     # 2. add a reference image (CFG + reference-image guidance)
@@ -382,4 +384,5 @@ def test_page_in_headless_chromium(server, browser, models, tmp_path, record_pro
     assert not outside, outside
     assert server["proc"].poll() is None
     record_property("figures", f"server start {server['start_s']:.1f} s; first x0 preview in the page "
-                               f"{first_preview:.2f} s after Generate; browser test {time.perf_counter() - t_test:.1f} s")
+                               f"{first_preview:.2f} s after Generate; browser test "
+                               f"{time.perf_counter() - t_test:.1f} s")

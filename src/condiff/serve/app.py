@@ -98,8 +98,11 @@ def _summary(result: Result) -> str:
 
 def build_app(models):
     """The Gradio Blocks of the page for loaded :class:`~condiff.serve.request.Models`."""
+    from ..compose import solver_options
+
     gr = _gradio()
     results = _Results()
+    eta_solvers = ", ".join(k for k in solvers() if "eta" in solver_options(k))
     available = models.available()
     names = models.class_names
     default_class = "Sneaker" if "Sneaker" in names else (names[0] if names else None)
@@ -131,7 +134,7 @@ def build_app(models):
                 with gr.Row():
                     sampler = gr.Dropdown(solvers(), value=defaults.sampler, label="Sampler", elem_id="sampler")
                     steps = gr.Slider(1, MAX_STEPS, value=defaults.steps, step=1, label="Steps", elem_id="steps")
-                    eta = gr.Slider(*LIMITS["eta"], value=defaults.eta, label="DDIM eta", elem_id="eta")
+                    eta = gr.Slider(*LIMITS["eta"], value=defaults.eta, label=f"eta ({eta_solvers})", elem_id="eta")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                     n = gr.Slider(1, MAX_IMAGES, value=defaults.n, step=1, label="Images", elem_id="n")
@@ -190,7 +193,7 @@ def _stream(models, req, results, skip):
             traceback.print_exc(file=sys.stderr)
             events.put(("error", f"internal error ({type(e).__name__}: {e})"))
 
-    yield _bar(0, max(1, int(req.steps) if str(req.steps).isdigit() else 1), "queued"), None, None, None, "", "", None
+    yield '<div id="condiff-progress">starting</div>', None, None, None, "", "", None
     worker = threading.Thread(target=work, daemon=True, name="condiff-serve-request")
     worker.start()
     last = 0.0

@@ -20,11 +20,11 @@ import torch
 
 from ..errors import CondiffError
 
-__all__ = ["solvers", "scale_labels", "METHODS", "LIMITS", "MAX_UPLOAD_BYTES", "MAX_IMAGES", "MAX_STEPS", "MAX_PROMPT", "STRIP_FACTORS",
+__all__ = ["METHODS", "LIMITS", "MAX_UPLOAD_BYTES", "MAX_IMAGES", "MAX_STEPS", "MAX_PROMPT", "STRIP_FACTORS",
            "STRIP_IMAGES", "Models", "load_models", "Request", "Result", "validate", "run", "command_line",
-           "save_result"]
+           "save_result", "solvers", "scale_labels"]
 
-# method -> what it needs; none selected is unguided sampling (the null branch of the shipped model)
+# method -> its label on the page; none selected is unguided sampling (the null branch of the shipped model)
 METHODS = {
     "cfg": "classifier-free guidance (eq 24)",
     "classifier": "classifier guidance (eqs 6-8, 19)",
@@ -187,6 +187,7 @@ def _upload(name: str, path) -> str:
 def validate(req: Request, models: Models) -> Request:
     """Every field checked against the limits and the loaded models; a one-line error otherwise."""
     from ..data import resolve_class
+
     methods = tuple(dict.fromkeys(req.methods or ()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
