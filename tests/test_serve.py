@@ -272,56 +272,79 @@ def browser():
     driver.quit()
 
 
+def _act(action, tries: int = 20):
+    """Run a find-and-act on the page again while Gradio re-renders the element under it."""
+    from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
+
+    for i in range(tries):
+        try:
+            return action()
+        except (StaleElementReferenceException, ElementClickInterceptedException):
+            if i == tries - 1:
+                raise
+            time.sleep(0.1)
+
+
 def _set_number(driver, elem_id: str, value) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(str(value), Keys.TAB)
+    def act():
+        box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(str(value), Keys.TAB)
+
+    _act(act)
+    deadline = time.perf_counter() + 10
+    while _read(driver, f"#{elem_id} input[type=number]", "value") != [str(value)]:
+        assert time.perf_counter() < deadline, f"#{elem_id} did not take {value}"
+        time.sleep(0.05)
 
 
 def _toggle(driver, label: str) -> None:
     from selenium.webdriver.common.by import By
 
-    driver.find_element(By.XPATH, f"//fieldset[@id='methods']//label[contains(., '{label}')]").click()
+    _act(lambda: driver.find_element(By.XPATH, f"//fieldset[@id='methods']//label[contains(., '{label}')]").click())
 
 
 def _upload(driver, elem_id: str, path: Path, timeout: float = 30) -> None:
     """Choose ``path`` in the file input of ``elem_id``; wait until the page lists the uploaded file."""
     from selenium.webdriver.common.by import By
 
-    driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]").send_keys(str(path))
+    _act(lambda: driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=file]").send_keys(str(path)))
     deadline = time.perf_counter() + timeout
-    while not driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} a[download='{path.name}']"):
+    while not _read(driver, f"#{elem_id} a[download='{path.name}']", "href"):
         assert time.perf_counter() < deadline, f"the upload of {path.name} did not finish"
         time.sleep(0.1)
+
+
+def _read(driver, selector: str, prop: str = "innerText") -> list:
+    """``prop`` of every element matching ``selector``, read in one script (no stale references mid-render)."""
+    return driver.execute_script("return Array.from(document.querySelectorAll(arguments[0]))"
+                                 ".map(e => String(e[arguments[1]]))", selector, prop)
 
 
 def _generate(driver, timeout: float = 120) -> tuple[float | None, float]:
     """Press Generate; wait for the downloads of a new result or an error. Returns (first preview s, total s)."""
     from selenium.webdriver.common.by import By
 
-    old = {a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a")}
-    driver.find_element(By.ID, "generate").click()
+    old = set(_read(driver, "#downloads a", "href"))
+    _act(lambda: driver.find_element(By.ID, "generate").click())
     t0, first = time.perf_counter(), None
     while time.perf_counter() - t0 < timeout:
-        if first is None and driver.find_elements(By.CSS_SELECTOR, "#preview img"):
+        if first is None and _read(driver, "#preview img", "src"):
             first = time.perf_counter() - t0
-        if driver.find_elements(By.ID, "condiff-error"):
+        if _read(driver, "#condiff-error"):
             return first, time.perf_counter() - t0
-        links = {a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a")}
-        if links and links != old and "done in" in driver.find_element(By.ID, "status").text:
+        links = set(_read(driver, "#downloads a", "href"))
+        if links and links != old and "done in" in "".join(_read(driver, "#status")):
             return first, time.perf_counter() - t0
         time.sleep(0.05)
-    raise AssertionError(f"no result in {timeout} s: {driver.find_element(By.ID, 'status').text}")
+    raise AssertionError(f"no result in {timeout} s: {_read(driver, '#status')}")
 
 
 def _downloaded_npz(driver) -> np.ndarray:
-    from selenium.webdriver.common.by import By
-
-    (href,) = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#downloads a")
-               if ".npz" in a.get_attribute("href")]
+    (href,) = [h for h in _read(driver, "#downloads a", "href") if ".npz" in h]
     return np.load(io.BytesIO(_get(href)))["images"]
 
 
@@ -343,24 +366,24 @@ def test_page_in_headless_chromium(server, browser, models, tmp_path, record_pro
     assert first_preview is not None and first_preview < total, "no x0 preview was shown while denoising"
     expected = run(models, Request(("cfg",), "Sneaker", seed=11, steps=5, n=4, strip=False)).images
     assert np.array_equal(_downloaded_npz(browser), to_uint8(expected))
-    grid = np.asarray(Image.open(io.BytesIO(_get(browser.find_element(By.CSS_SELECTOR, "#grid img")
-                                                 .get_attribute("src")))).convert("L"))
+    (src,) = _read(browser, "#grid img", "src")
+    grid = np.asarray(Image.open(io.BytesIO(_get(src))).convert("L"))
     from condiff.serve.app import _upscaled
 
     assert np.array_equal(grid, _upscaled(expected)), "the grid shown differs from the library's images"
-    strip = browser.find_element(By.CSS_SELECTOR, "#strip img").get_attribute("src")
+    (strip,) = _read(browser, "#strip img", "src")
     assert Image.open(io.BytesIO(_get(strip))).size[0] > 0
-    command = browser.find_element(By.CSS_SELECTOR, "#command textarea").get_attribute("value")
+    (command,) = _read(browser, "#command textarea", "value")
     assert command.startswith("condiff sample --class Sneaker --cfg-w 2 ") and "--seed 11" in command
-    summary = browser.find_element(By.ID, "summary").text
+    summary = "".join(_read(browser, "#summary"))
     assert "4 images" in summary and "Scale strip" in summary and "w 0 | w 1 | w 2 | w 4" in summary, summary
-    assert browser.find_elements(By.CSS_SELECTOR, "#condiff-progress progress")
+    assert _read(browser, "#condiff-progress progress", "value") == ["25"]  # 5 steps x (grid + 4 strip scales)
 
     # 2. add a reference image (CFG + reference-image guidance)
     _toggle(browser, "reference image")
     _upload(browser, "reference", REFERENCE)
     _generate(browser)
-    assert not browser.find_elements(By.ID, "condiff-error"), browser.find_element(By.ID, "status").text
+    assert not _read(browser, "#condiff-error"), _read(browser, "#status")
     expected = run(models, Request(("cfg", "image"), "Sneaker", reference=str(REFERENCE), seed=11, steps=5, n=4,
                                    strip=False)).images
     assert np.array_equal(_downloaded_npz(browser), to_uint8(expected))
@@ -371,7 +394,7 @@ def test_page_in_headless_chromium(server, browser, models, tmp_path, record_pro
     notes.write_text("this is not an image\n")
     _upload(browser, "style", notes)
     _generate(browser)
-    error = browser.find_element(By.ID, "condiff-error").text
+    error = "".join(_read(browser, "#condiff-error"))
     assert "style image notes.txt: not a readable image" in error, error
 
     # nothing the page loaded came from outside this machine
