@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -246,6 +247,16 @@ def test_bad_input_over_http_is_a_message_and_the_server_keeps_running(server):
     assert "condiff-error" in out[0] and "text prompt (eq 15) is not available" in out[0], out[0]
     out = _api(server["url"], Request(("image",), None, **FAST))
     assert "reference image: upload an image first" in out[0], out[0]
+    # an upload over the limit is refused by the server before it reaches condiff
+    boundary = "condiffboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"huge.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + b"\0" * (MAX_UPLOAD_BYTES + 1) + \
+        f"\r\n--{boundary}--\r\n".encode()
+    post = urllib.request.Request(server["url"] + "/gradio_api/upload", body,
+                                  {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(post, timeout=60)
+    assert e.value.code == 413 and "File size exceeded" in e.value.read().decode(), e.value
     out = _api(server["url"], Request((), None, steps=2, n=1, strip=False))  # still serving
     assert "condiff-error" not in out[0] and _npz_images(server["url"], out[-1]).shape == (1, 28, 28, 1)
 
