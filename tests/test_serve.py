@@ -407,6 +407,10 @@ def test_page_in_headless_chromium(server, browser, models, tmp_path, record_pro
     _generate(browser)
     error = "".join(_read(browser, "#condiff-error"))
     assert "style image notes.txt: not a readable image" in error, error
+    deadline = time.perf_counter() + 10  # and as a notice at the top of the page (Gradio's toast)
+    while "".join(_read(browser, "body")).count("notes.txt: not a readable image") < 2:
+        assert time.perf_counter() < deadline, "no notice of the error at the top of the page"
+        time.sleep(0.1)
 
     # nothing the page loaded came from outside this machine
     urls = set()

@@ -140,8 +140,8 @@ def build_app(models):
                     n = gr.Slider(1, MAX_IMAGES, value=defaults.n, step=1, label="Images", elem_id="n")
                     strip_on = gr.Checkbox(value=True, label="Scale strip", elem_id="strip-on")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
+                status = gr.HTML(elem_id="status")  # progress bar and errors, under the button
             with gr.Column(scale=1):
-                status = gr.HTML(elem_id="status")
                 preview = gr.Image(label="x0 prediction while denoising", format="png", interactive=False,
                                    elem_id="preview")
                 grid = gr.Image(label="Samples", format="png", interactive=False, elem_id="grid")
@@ -160,8 +160,7 @@ def build_app(models):
                      image_scale, style_scale, sampler, steps, eta, seed, n, strip_on):
             req = Request(tuple(methods or ()), class_name, prompt or "", reference, style, cfg_w, classifier_scale,
                           text_scale, image_scale, style_scale, sampler, steps, eta, seed, n, strip_on)
-            skip = gr.skip()
-            yield from _stream(models, req, results, skip)
+            yield from _stream(models, req, results, gr.skip(), lambda message: gr.Warning(f"error: {message}"))
 
         button.click(generate, inputs, outputs, api_name="generate", concurrency_limit=1,
                      show_progress="hidden")
@@ -169,7 +168,7 @@ def build_app(models):
     return app
 
 
-def _stream(models, req, results, skip):
+def _stream(models, req, results, skip, warn=lambda message: None):
     """Run ``req`` in a worker thread; yield (status, preview, grid, strip, summary, command, files) updates."""
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -210,6 +209,7 @@ def _stream(models, req, results, skip):
                     yield _bar(done, total), _upscaled(x0), skip, skip, skip, skip, skip
                 continue
             if kind == "error":
+                warn(payload)  # also a notice at the top of the page, wherever it is scrolled
                 yield _error(payload), None, None, None, "", "", None
                 return
             result = payload
