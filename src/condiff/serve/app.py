@@ -119,6 +119,9 @@ def build_app(models):
                 class_name = gr.Dropdown(names, value=default_class, label="Class (CFG and classifier guidance)",
                                          elem_id="class", allow_custom_value=not names)
                 prompt = gr.Textbox(label="Text prompt", placeholder="a pair of running shoes", elem_id="prompt")
+                # near the top, beside the preview: the progress bar and errors stay in view while sampling
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                status = gr.HTML(elem_id="status")
                 with gr.Row():
                     reference = gr.File(label="Reference image", type="filepath", elem_id="reference")
                     style = gr.File(label="Style image", type="filepath", elem_id="style")
@@ -139,8 +142,6 @@ def build_app(models):
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                     n = gr.Slider(1, MAX_IMAGES, value=defaults.n, step=1, label="Images", elem_id="n")
                     strip_on = gr.Checkbox(value=True, label="Scale strip", elem_id="strip-on")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
-                status = gr.HTML(elem_id="status")  # progress bar and errors, under the button
             with gr.Column(scale=1):
                 preview = gr.Image(label="x0 prediction while denoising", format="png", interactive=False,
                                    elem_id="preview")
