@@ -94,6 +94,12 @@ def _predict(model: Model, x: torch.Tensor, t: int, schedule: Schedule, cond, cl
     return eps_renoise, x0
 
 
+def _plain(model: Model) -> bool:
+    """No self-recurrence: a multistep solver may use its history (under recurrence the re-noised x_t does not
+    continue the trajectory the history was taken on, so the multistep solvers take first-order steps)."""
+    return int(getattr(model, "recurrence", 1)) == 1
+
+
 def _predict_step(model: Model, x: torch.Tensor, t: int, s: int, schedule: Schedule, cond, generator, clip_x0,
                   threshold, renoise: bool = False):
     """(x_t, eps~, x0) at the start of a step t -> s, with Universal Guidance's self-recurrence when the model
@@ -101,7 +107,8 @@ def _predict_step(model: Model, x: torch.Tensor, t: int, s: int, schedule: Sched
 
     k - 1 times: the DDIM step x_s = abar_s x0 + bbar_s eps~ (eq 17, sigma_t = 0), then fresh noise back to t
     by the forward process q(x_t | x_s) = N((abar_t/abar_s) x_s, (bbar_t^2 - (abar_t/abar_s)^2 bbar_s^2) I);
-    the solver then takes its own step from the last x_t.  k = 1 is :func:`_predict` unchanged.
+    the solver then takes its own step from the last x_t (multistep solvers a first-order one, see
+    :func:`_plain`).  k = 1 is :func:`_predict` unchanged.
     """
     for _ in range(int(getattr(model, "recurrence", 1)) - 1):
         eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold, renoise)
@@ -331,7 +338,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: Schedule, steps=25,
         else:
             h = math.log(a_s / b_s) - math.log(a_t / b_t)
             x = (b_s / b_t) * x - (a_s * math.expm1(-h)) * _multistep_x0(x0, x0_prev, h, h_prev)
-        x0_prev, h_prev = x0, h
+        x0_prev, h_prev = (x0, h) if _plain(model) else (None, None)
         _after_step(i, t, x, x0, eps, callback)
     return x
 
@@ -359,7 +366,7 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, schedule: Schedule, steps
             one_minus = -math.expm1(-2 * h)  # 1 - e^{-2h}
             x = ((b_s / b_t) * math.exp(-h)) * x + (a_s * one_minus) * _multistep_x0(x0, x0_prev, h, h_prev) \
                 + (b_s * math.sqrt(one_minus)) * _randn(x, generator)
-        x0_prev, h_prev = x0, h
+        x0_prev, h_prev = (x0, h) if _plain(model) else (None, None)
         _after_step(i, t, x, x0, eps, callback)
     return x
 
@@ -389,7 +396,7 @@ def sample_unipc(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *,
     for i, (t, s) in _bar(pairs, progress, "unipc"):
         (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
         x, eps, x0 = _predict_step(model, x, t, s, schedule, cond, generator, clip_x0, threshold)
-        if x_prev is not None and getattr(model, "recurrence", 1) == 1:  # UniC-p: corrector from the previous
+        if x_prev is not None and _plain(model):  # UniC-p: corrector from the previous
             # timestep with the new data prediction (not under self-recurrence: x_t was re-noised, not predicted)
             (t0, m0), h = hist[-1], _lam(schedule, t) - _lam(schedule, hist[-1][0])
             phi1 = math.expm1(-h)  # h phi_1 = B(h) for bh2
@@ -404,7 +411,7 @@ def sample_unipc(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *,
                 rho, corr = b1 - rho0, rho0 * (m2 - m0) / r
             b_0 = schedule.coefficients(t0)[1]
             x = (b_t / b_0) * x_prev - (a_t * phi1) * m0 - (a_t * phi1) * (corr + rho * (x0 - m0))
-        hist = (hist + [(t, x0)])[-2:]
+        hist = (hist + [(t, x0)])[-2:] if _plain(model) else [(t, x0)]
         order = min(2, len(pairs) - i, len(hist))
         x_prev, order_prev = x, order
         if s < 0:
