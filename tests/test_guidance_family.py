@@ -373,3 +373,107 @@ def test_unbound_x0_term_and_bad_apg_settings():
         CFGPlusPlus(TinyEps(), 0.5)
     with pytest.raises(CondiffError, match="autoguidance needs a weak model"):
         AutoGuided(GM, None, 1.0)
+
+
+# ----------------------------------------------------------------------------- sweep methods, clean classifier
+class CondGM(GaussianMixture):
+    conditional = True
+
+
+def test_sweep_methods_build_every_family_member():
+    from types import SimpleNamespace
+
+    from condiff.sweep import METHODS, SweepContext, check_options, sample_at_scale
+
+    model = CondGM(GM.means, GM.covs, schedule=S)
+    labels = torch.arange(12) % 3
+    cases = {
+        "cfg-interval": ({"interval": "0,500"}, {}, lambda g: g.cfg_interval == (0, 500) and g.cfg_w == 1.5),
+        "apg": ({"eta": "0", "rescale": "2", "momentum": "-0.5"}, {}, lambda g: g.apg == APG(0.0, 2.0, -0.5)),
+        "cfg++": ({}, {}, lambda g: g.cfg_pp == 1.5 and g.cfg_w is None),
+        "autoguide": ({"weak": "unused"}, {"weak": GM}, lambda g: g.weak_model is GM and g.cfg_w == 1.5),
+        "x0-classifier": ({"classifier": "unused", "path": "fixed", "recurrence": "2", "interval": "0,900"},
+                          {"x0-classifier": lambda x: GM.class_log_prob(x, None)},
+                          lambda g: g.unconditional and g.terms[0].path == "fixed" and g.recurrence == 2
+                          and g.grad_interval == (0, 900)),
+        "x0-image": ({"image_encoder": "unused", "smoothing": "0.1"},
+                     {"image": SimpleNamespace(e2=lambda x: x, target=GM.means)},
+                     lambda g: g.terms[0].key == "image" and g.terms[0].samples == 4),
+    }
+    for method, (options, cache, check) in cases.items():
+        ctx = SweepContext(model, S, (2,), ["a", "b", "c"], options=options, cache=dict(cache))
+        check_options(method, options)
+        guidance, cond = METHODS[method](ctx, 1.5, labels)
+        assert check(guidance), method
+        x = sample_at_scale(ctx, METHODS[method], 1.5, labels, sampling=Sampling("ddim", 8, clip_x0=None),
+                            batch_size=12)
+        assert x.shape == (12, 2) and torch.isfinite(x).all(), method
+    with pytest.raises(CondiffError, match="method apg has no option weak"):
+        check_options("apg", {"weak": "x"})
+    ctx = SweepContext(model, S, (2,), ["a", "b", "c"], options={})
+    with pytest.raises(CondiffError, match="needs --option interval=LO,HI"):
+        METHODS["cfg-interval"](ctx, 1.0, labels)
+    with pytest.raises(CondiffError, match="needs --option weak=CKPT"):
+        METHODS["autoguide"](ctx, 1.0, labels)
+    with pytest.raises(CondiffError, match="needs a clean classifier"):
+        METHODS["x0-classifier"](ctx, 1.0, labels)
+    with pytest.raises(CondiffError, match="needs a conditional model"):
+        METHODS["apg"](SweepContext(GM, S, (2,), ["a", "b", "c"]), 1.0, labels)
+
+
+def test_clean_classifier_task_trains_on_the_data_at_t_0():
+    from condiff.training import ClassifierTask
+
+    seen = []
+
+    def net(x, t):
+        seen.append((x.clone(), t.clone()))
+        return torch.stack([x.sum(1), -x.sum(1)], 1)
+
+    x0, y = torch.randn(6, 2, generator=gen(0)), torch.tensor([0, 1] * 3)
+    task = ClassifierTask(S, clean=True)
+    loss, _ = task.loss(net, x0, y, gen(1))
+    assert torch.equal(seen[0][0], x0) and not seen[0][1].any()  # the data itself, t = 0
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(net(x0, torch.zeros(6)), y))
+    assert task.config() == {"task": "classifier", "t_max": 1, "clean": True}
+    ClassifierTask(S).loss(net, x0, y, gen(1))
+    assert not torch.equal(seen[-1][0], x0)  # the noise-aware task adds noise
+    with pytest.raises(CondiffError, match="drop --t-max"):
+        ClassifierTask(S, 10, clean=True)
+
+
+def test_sample_flags_of_the_family(tmp_path):
+    """Each flag samples with the shipped models (2 images, 3 steps); misuse is one line with exit code 2."""
+    import numpy as np
+
+    from condiff.zoo import shipped
+    from helpers import run_cli_inprocess
+
+    clf, cfg = str(shipped("classifier")), str(shipped("diffusion"))
+    base = ["sample", "--n", "1", "--steps", "3", "--no-progress", "--device", "cpu", "--class", "bag",
+            "--class", "sneaker"]
+    runs = {
+        "x0": ["--x0-guidance", clf, "--x0-scale", "2", "--x0-path", "fixed", "--x0-weight", "abar",
+               "--x0-smoothing", "0.1", "--x0-samples", "2", "--recurrence", "2", "--guidance-interval", "0,900"],
+        "apg": ["--cfg-w", "2", "--apg", "--apg-rescale", "5", "--apg-momentum", "-0.5"],
+        "cfgpp": ["--cfg-pp", "0.6"],
+        "auto": ["--cfg-w", "1", "--autoguide", cfg, "--sampler", "heun"],
+    }
+    for name, flags in runs.items():
+        code, out, err = run_cli_inprocess(base + flags + ["--out", str(tmp_path / f"{name}.png"),
+                                                           "--npz", str(tmp_path / f"{name}.npz")])
+        assert code == 0, (name, err)
+        assert np.load(tmp_path / f"{name}.npz")["images"].shape == (2, 28, 28, 1)
+    bad = {
+        ("--cfg-pp", "0.6", "--sampler", "euler"): "--cfg-pp needs --sampler ddim",
+        ("--cfg-w", "1", "--apg-eta", "1"): "--apg-eta applies to APG: give --apg",
+        ("--apg",): "--apg guides with the weight of --cfg-w",
+        ("--x0-path", "fixed"): "--x0-path applies to x0-guidance",
+        ("--x0-guidance", clf, "--x0-samples", "3"): "--x0-samples applies to the smoothing",
+        ("--cfg-w", "1", "--cfg-pp", "0.5"): "--cfg-pp replaces --cfg-w",
+        ("--cfg-w", "1", "--guidance-interval", "0,10"): "needs gradient terms",
+        ("--x0-guidance", clf, "--form", "mean", "--sampler", "ddpm", "--recurrence", "2"): "use form score",
+    }
+    for flags, message in bad.items():
+        code, out, err = run_cli_inprocess(base + list(flags) + ["--out", str(tmp_path / "bad.png")])
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
