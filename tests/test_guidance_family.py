@@ -477,3 +477,19 @@ def test_sample_flags_of_the_family(tmp_path):
     for flags, message in bad.items():
         code, out, err = run_cli_inprocess(base + list(flags) + ["--out", str(tmp_path / "bad.png")])
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
+
+
+def test_x0_guidance_through_the_network_shares_its_forward_with_eps():
+    """DPS under ScoreGuided: one network call per step (forward with graph, then backward), and the same
+    eps~ as computing the model's eps and the term's gradient separately."""
+    x, tt, y = noisy_points(300, n=8)
+    counter = Counting(NullBranch(GM))
+    term = X0Term(CLEAN, 2.0, weight="bbar").bind(counter, S)
+    guided = ScoreGuided(counter, S, [term, ClassifierTerm(GM.classifier, None, 0.5)])
+    out = guided(x, tt, {"y": y})
+    assert counter.calls == 1
+    _, b = S.gather(tt, x)
+    g = term.grad(x, tt, {"y": y}) + ClassifierTerm(GM.classifier, None, 0.5).grad(x, tt, {"y": y})
+    assert torch.allclose(out, GM.eps(x, tt, None) - b * g, rtol=1e-12, atol=1e-12)
+    outside = ScoreGuided(counter, S, [term], interval=(0, 100))
+    assert torch.equal(outside(x, tt, {"y": y}), GM.eps(x, tt, None))  # the interval still holds

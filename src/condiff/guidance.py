@@ -298,12 +298,27 @@ class ScoreGuided:
         self.terms = [terms] if isinstance(terms, GradientTerm) else list(terms)
         self.interval = check_interval(interval)
 
+    def _shares_forward(self, t: torch.Tensor):
+        """The first term that can give eps from its own forward through this model (x0-guidance through the
+        network), when every row is inside the interval; else None."""
+        if self.interval is not None and not bool(((t >= self.interval[0]) & (t <= self.interval[1])).all()):
+            return None
+        return next((k for k in self.terms if k.scale != 0 and getattr(k, "path", None) == "model"
+                     and getattr(k, "model", None) is self.model and hasattr(k, "grad_and_eps")), None)
+
     def __call__(self, x, t, cond=None):
-        eps = self.model(x, t, cond)
-        if all(term.scale == 0 for term in self.terms):
-            return eps
+        lead = self._shares_forward(t)
+        if lead is None:
+            eps = self.model(x, t, cond)
+            if all(term.scale == 0 for term in self.terms):
+                return eps
+            g = _total_grad(self.terms, x, t, cond, self.interval, eps=eps)
+        else:  # one forward + backward through the network serves the term and eps
+            g, eps = lead.grad_and_eps(x, t, cond)
+            g = g.to(x.dtype) + _total_grad([k for k in self.terms if k is not lead], x, t, cond, self.interval,
+                                            eps=eps)
         _, bbar = self.schedule.gather(t, x)
-        return condition_score(eps, bbar, _total_grad(self.terms, x, t, cond, self.interval, eps=eps))
+        return condition_score(eps, bbar, g)
 
 
 class NullBranch:

@@ -141,6 +141,21 @@ class X0Term(GradientTerm):
             return b
         return torch.as_tensor(self.weight(t), dtype=x.dtype, device=x.device).view((-1,) + (1,) * (x.dim() - 1))
 
+    def grad_and_eps(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the path-"model" gradient, eps(x_t)) from one forward and one backward pass of the eps-network:
+        :class:`~condiff.guidance.ScoreGuided` uses this eps too, so DPS costs no extra forward."""
+        if self.path != "model":
+            raise CondiffError("grad_and_eps is the gradient through the eps-network (path model)")
+        a, b = self.schedule.gather(t, x)
+        box = {}
+
+        def through_model(xg, tt, c):
+            box["eps"] = self.model(xg, tt, c)
+            return self.clean_objective((xg - b * box["eps"]) / a, tt, c)
+
+        g = scaled_grad(through_model, x, t, self.scale, cond)
+        return g * self._weight(t, x), box["eps"].detach()
+
     def grad(self, x: torch.Tensor, t: torch.Tensor, cond=None, eps: torch.Tensor | None = None) -> torch.Tensor:
         """gamma w(t) grad_{x_t} f(x0_hat(x_t)) along ``path``; ``eps``: the model's eps at x_t, if known."""
         if self.model is None or self.schedule is None:
