@@ -302,6 +302,8 @@ class Guidance:
                 for key in ("path", "smoothing", "samples"):
                     if key in spec:
                         setattr(term, key, spec[key])
+                if spec.get("weight", "custom") != "custom":  # a function weight is the given term's own
+                    term.weight = spec["weight"]
             built.append(term)
         for key in ("cfg_interval", "grad_interval"):
             if config.get(key) is not None:
