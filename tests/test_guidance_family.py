@@ -493,3 +493,17 @@ def test_x0_guidance_through_the_network_shares_its_forward_with_eps():
     assert torch.allclose(out, GM.eps(x, tt, None) - b * g, rtol=1e-12, atol=1e-12)
     outside = ScoreGuided(counter, S, [term], interval=(0, 100))
     assert torch.equal(outside(x, tt, {"y": y}), GM.eps(x, tt, None))  # the interval still holds
+
+
+def test_path_fixed_reuses_eps_only_from_its_own_model():
+    x, tt, y = noisy_points(200, n=8)
+    counter = Counting(NullBranch(GM))
+    own = X0Term(CLEAN, 1.0, path="fixed").bind(counter, S)
+    ScoreGuided(counter, S, [own])(x, tt, {"y": y})
+    assert counter.calls == 1  # the eps of the step serves the term
+    other = Counting(NullBranch(GM))
+    foreign = X0Term(CLEAN, 1.0, path="fixed").bind(other, S)
+    out = ScoreGuided(Conditioned(GM), S, [foreign])(x, tt, {"y": y})
+    assert other.calls == 1  # a term bound to another model computes its own eps
+    _, b = S.gather(tt, x)
+    assert torch.allclose(out, GM.eps(x, tt, y) - b * foreign.grad(x, tt, {"y": y}), atol=1e-12)

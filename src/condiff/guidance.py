@@ -246,17 +246,18 @@ def check_interval(interval, what: str = "guidance interval", T: int | None = No
 
 
 def _total_grad(terms: Sequence[GradientTerm], x: torch.Tensor, t: torch.Tensor, cond=None,
-                interval: tuple[int, int] | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
+                interval: tuple[int, int] | None = None, eps: torch.Tensor | None = None, model=None) -> torch.Tensor:
     """sum_k gamma_k grad f_k; rows with t outside ``interval`` (lo, hi) get no gradient (a guidance interval
     for gradient terms, as Kynkaanniemi et al. 2024 for CFG).  Terms with ``uses_eps`` (x0-guidance with eps
-    held fixed) receive the model's ``eps`` at x_t when the caller has it."""
+    held fixed) whose own eps-model is ``model`` receive its ``eps`` at x_t, which the caller computed."""
     g = torch.zeros_like(x)
     if interval is not None:
         active = (t >= interval[0]) & (t <= interval[1])
         if not bool(active.any()):
             return g
     for term in terms:
-        extra = {"eps": eps} if eps is not None and getattr(term, "uses_eps", False) else {}
+        shared = eps is not None and getattr(term, "uses_eps", False) and getattr(term, "model", None) is model
+        extra = {"eps": eps} if shared else {}
         g = g + term.grad(x, t, cond, **extra).to(x.dtype)
     if interval is not None:
         g = torch.where(active.view((-1,) + (1,) * (x.dim() - 1)), g, torch.zeros_like(g))
@@ -312,11 +313,11 @@ class ScoreGuided:
             eps = self.model(x, t, cond)
             if all(term.scale == 0 for term in self.terms):
                 return eps
-            g = _total_grad(self.terms, x, t, cond, self.interval, eps=eps)
+            g = _total_grad(self.terms, x, t, cond, self.interval, eps=eps, model=self.model)
         else:  # one forward + backward through the network serves the term and eps
             g, eps = lead.grad_and_eps(x, t, cond)
             g = g.to(x.dtype) + _total_grad([k for k in self.terms if k is not lead], x, t, cond, self.interval,
-                                            eps=eps)
+                                            eps=eps, model=self.model)
         _, bbar = self.schedule.gather(t, x)
         return condition_score(eps, bbar, g)
 
