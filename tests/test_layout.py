@@ -12,7 +12,7 @@ from pathlib import Path
 import condiff
 
 ROOT = Path(condiff.__file__).parent
-CLI = {"condiff.cli", "condiff.cli_eval", "condiff.similarity.commands", "condiff.__main__"}
+CLI = {"condiff.cli", "condiff.cli_eval", "condiff.cli_family", "condiff.similarity.commands", "condiff.__main__"}
 
 
 def _module_name(path: Path) -> str:

@@ -234,7 +234,8 @@ def cmd_train_classifier(args) -> int:
     names = data.class_names or [str(i) for i in range(data.num_classes)]
     meta = {"schedule": schedule.config(), "class_names": names, "image_shape": [C, H, W]}
     dist = current_dist()
-    final = train(compile_model(dist.wrap(model), args.compile), ClassifierTask(schedule, args.t_max), data,
+    task = ClassifierTask(schedule, args.t_max, clean=getattr(args, "clean", False))
+    final = train(compile_model(dist.wrap(model), args.compile), task, data,
                   _train_config(args), args.out, meta=meta, device=device, resume=not args.no_resume,
                   progress=not args.no_progress, **dist.train_kwargs())
     if not dist.main:
@@ -277,6 +278,7 @@ def cmd_sample(args) -> int:
     from .images import save_grid, save_npz
     from .interop import check_classifier_schedule
     from .pipeline import load_classifier, load_diffusion, resolve_device
+    from .cli_family import check_family_args, family_guidance
     from .similarity.commands import similarity_terms
     from .validation import check_output_file
 
@@ -293,7 +295,8 @@ def cmd_sample(args) -> int:
     cfg_w = args.cfg_w if args.cfg_scale is None else args.cfg_scale - 1
     if cfg_w is not None and cfg_w < 0:
         raise CondiffError(f"--cfg-scale must be >= 1 (s = 1 + w), got {args.cfg_scale}")
-    if cfg_w is None and (args.cfg_interval is not None or args.cfg_rescale is not None):
+    check_family_args(args, cfg_w)  # x0-guidance, APG, CFG++, autoguidance (cli_family)
+    if cfg_w is None and args.cfg_pp is None and (args.cfg_interval is not None or args.cfg_rescale is not None):
         raise CondiffError(f"{'--cfg-interval' if args.cfg_interval is not None else '--cfg-rescale'} applies to "
                            "classifier-free guidance: give --cfg-w or --cfg-scale")
     if args.ckpt is not None and args.diffusers_model is not None:
@@ -322,8 +325,11 @@ def cmd_sample(args) -> int:
     names = config.get("class_names", [])
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
     classes = [resolve_class(c, names, len(names) or None) for c in args.classes] if args.classes else []
-    how = class_guidance(model, classes=bool(classes), cfg_w=cfg_w, classifier=bool(args.classifier),
-                         unconditional=args.unconditional)
+    how = class_guidance(model, classes=bool(classes), cfg_w=cfg_w if args.cfg_pp is None else args.cfg_pp,
+                         classifier=bool(args.classifier or args.x0_guidance), unconditional=args.unconditional)
+    if args.cfg_pp is not None:  # CFG++'s lambda in place of the CFG weight
+        how["cfg_pp"], how["cfg_w"] = how["cfg_w"], None
+    x0_terms, family = family_guidance(args, model, schedule, shape, device)
     terms = []
     if args.classifier:
         clf, clf_config = load_classifier(args.classifier, device, args.trust_pickle)
@@ -332,8 +338,8 @@ def cmd_sample(args) -> int:
             print(f"condiff sample: warning: {mismatch}", file=sys.stderr)
         terms.append(ClassifierTerm(clf, None, 1.0 if args.scale is None else args.scale, sharpen=args.sharpen))
     sim_terms, cond = similarity_terms(args, schedule, shape, device)  # --text, --image, --style (eqs 11-15)
-    guidance = Guidance(cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale or 0.0, terms=terms + sim_terms,
-                        form=args.form, grad_at=args.grad_at, **how)
+    guidance = Guidance(cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale or 0.0,
+                        terms=terms + x0_terms + sim_terms, form=args.form, grad_at=args.grad_at, **how, **family)
     eps, shift = compose(model, schedule, guidance, sampling)
     rows = classes or [None]
     n = len(rows) * args.n
@@ -422,6 +428,7 @@ def cmd_serve(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .similarity.commands import add_similarity_sample_args, add_train_encoder_parser
+    from .cli_family import add_family_sample_args
 
     from .compose import DEFAULT_CLIP_X0, DEFAULT_STEPS
     from .demo import DemoConfig
@@ -456,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mid and noisy t-ranges.", epilog=EPILOG)
     _add_train_common(p, steps=1000, lr=1e-3, channels="32,64", blocks=1)
     p.add_argument("--t-max", type=_pos_int, default=None, help="train only on t < T_MAX (default T)")
+    p.add_argument("--clean", action="store_true",
+                   help="a clean classifier p(y|x_0): train on the data itself at t = 0 only, for x0-guidance "
+                        "(condiff sample --x0-guidance CKPT)")
     p.set_defaults(func=cmd_train_classifier, distributed=True)
 
     add_train_encoder_parser(sub, _add_train_common, helpers)  # similarity encoders (eq 15)
@@ -515,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with torch.load(weights_only=True): tensors only, never full unpickling")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_similarity_sample_args(p)
+    add_family_sample_args(p)
     _add_accel(p)
     _add_common(p)
     p.set_defaults(func=cmd_sample, distributed=True)

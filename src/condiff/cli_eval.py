@@ -164,7 +164,8 @@ def register(sub, helpers) -> None:
                        epilog=EPILOG)
     p.add_argument("--ckpt", required=True, help="eps-model checkpoint or run folder")
     p.add_argument("--method", required=True,
-                   help="guidance family: classifier or cfg (others when registered, e.g. text, image)")
+                   help="guidance family: classifier, cfg, text, image; beyond the article: cfg-interval, apg, "
+                        "cfg++, autoguide, x0-classifier, x0-image (condiff.sweep_family lists their options)")
     p.add_argument("--scales", type=_scales, default=_scales("0,0.5,1,2,4"),
                    help="comma-separated scales: gamma for classifier, w for cfg (default 0,0.5,1,2,4)")
     p.add_argument("--n", type=pos_int, default=1000, help="samples per scale, balanced over classes (default 1000)")
@@ -174,7 +175,9 @@ def register(sub, helpers) -> None:
     p.add_argument("--option", dest="options", type=key_value(), action="append", default=[],
                    help="KEY=VALUE passed to the method: classifier: sharpen=true; text: text_encoder=CKPT, "
                         "text_prior=T, promptK=TEXT; image: image_encoder=CKPT, image_prior=W, ref_data=PATH, "
-                        "refK=INDEX (an unknown key is an error)")
+                        "refK=INDEX; cfg-interval: interval=LO,HI; apg: eta, rescale, momentum; autoguide: "
+                        "weak=CKPT; x0-classifier / x0-image: path=model|fixed, smoothing, samples, weight, "
+                        "recurrence, interval (an unknown key is an error)")
     p.add_argument("--form", choices=["score", "mean"], default="score",
                    help="gradient terms as eps - bbar_t*grad (score, eq 19; default) or mean shift (eq 6; an "
                         "ancestral stochastic sampler only); not for method cfg")

@@ -42,13 +42,15 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .errors import CondiffError
+from .cfg_family import APG, CFGPP_SAMPLERS, AutoGuided, CFGPlusPlus, ProjectedGuidance
 from .guidance import (FORMS, GRAD_AT, ClassifierFree, Conditioned, GradientTerm, MeanShift, NullBranch, ScoreGuided,
-                       check_scale)
+                       check_interval, check_scale)
 from .samplers import MEAN_SHIFT_SAMPLERS, SAMPLERS, STOCHASTIC
 from .schedule import SPACINGS, Schedule, respace
+from .x0guidance import X0Term
 
 __all__ = ["DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_SPACING", "DEFAULT_CLIP_X0", "MAX_ETA", "Guidance",
-           "Sampling", "Composed", "compose", "solver_options", "is_stochastic", "class_guidance",
+           "Sampling", "Composed", "Recurrent", "compose", "solver_options", "is_stochastic", "class_guidance",
            "saturated_images", "saturation_warning"]
 
 DEFAULT_SAMPLER = "ddim"
@@ -157,6 +159,19 @@ class Guidance:
         form: "score" (eq 19: eps - bbar_t g, any sampler) or "mean" (eqs 6-7: mu + sigma_t^2 g,
             ancestral samplers only).
         grad_at: the mean form's gradient location, "x_t" (eq 6) or "mu" (eq 7).
+
+    Beyond the article (issue 16; each off by default):
+        apg: :class:`~condiff.cfg_family.APG` settings: CFG with weight ``cfg_w`` as adaptive projected
+            guidance (Sadat et al. 2024).
+        weak_model: autoguidance (Karras et al. 2024): eq 24 with weight ``cfg_w`` against this weaker
+            eps-model instead of the null branch (not stored by :meth:`config`; give it to
+            :meth:`from_config`).
+        cfg_pp: CFG++'s lambda (Chung et al. 2024), instead of ``cfg_w``; the ddim sampler only.
+        grad_interval: (lo, hi): the gradient terms act only for lo <= t <= hi.
+        recurrence: Universal Guidance's self-recurrence k: every step re-noised and repeated k - 1 times
+            (k network calls per step; :func:`condiff.samplers._predict_step`); 1 is off.
+    Terms may be :class:`~condiff.x0guidance.X0Term` s (x0-guidance on clean networks): :func:`compose`
+    gives them the eps-model it builds.
     """
 
     cfg_w: float | None = None
@@ -166,6 +181,11 @@ class Guidance:
     terms: list = field(default_factory=list)
     form: str = "score"
     grad_at: str = "x_t"
+    apg: APG | None = None
+    weak_model: object = None
+    cfg_pp: float | None = None
+    grad_interval: tuple[int, int] | None = None
+    recurrence: int = 1
 
     def validate(self, schedule: Schedule | None = None, model=None) -> "Guidance":
         """One-line errors for every combination that would be silently ignored or meaningless."""
@@ -181,11 +201,12 @@ class Guidance:
         for term in self.terms:
             if not isinstance(term, GradientTerm):
                 raise CondiffError(f"a guidance term must be a GradientTerm, got {type(term).__name__}")
+        self._validate_family(schedule)
         if self.cfg_w is not None:
             check_scale("cfg weight w", self.cfg_w)
             if self.unconditional:
                 raise CondiffError("classifier-free guidance and the unconditional null branch exclude each other")
-        else:
+        elif self.cfg_pp is None:
             if self.cfg_interval is not None:
                 raise CondiffError("the CFG interval applies to classifier-free guidance: give a CFG weight w")
             if self.cfg_rescale:
@@ -198,27 +219,72 @@ class Guidance:
             if not 0 <= lo <= hi or (T is not None and hi >= T):
                 bound = f"0 <= lo <= hi <= {T - 1}" if T is not None else "0 <= lo <= hi"
                 raise CondiffError(f"the CFG interval must satisfy {bound}, got {lo},{hi}")
-        if model is not None and (self.cfg_w is not None or self.unconditional) and not hasattr(model, "null_cond"):
-            what = "classifier-free guidance" if self.cfg_w is not None else "the null branch"
+        needs_null = (self.cfg_w is not None and self.weak_model is None) or self.unconditional or \
+            self.cfg_pp is not None
+        if model is not None and needs_null and not hasattr(model, "null_cond"):
+            what = ("the null branch" if self.unconditional else "CFG++" if self.cfg_pp is not None
+                    else "classifier-free guidance")
             raise CondiffError(f"{what} needs a model trained with a null condition (condition dropout)")
         return self
+
+    def _validate_family(self, schedule: Schedule | None) -> None:
+        """The issue-16 fields: APG, autoguidance, CFG++, gradient interval, recurrence."""
+        T = schedule.T if schedule is not None else None
+        if self.apg is not None:
+            if not isinstance(self.apg, APG):
+                raise CondiffError(f"apg must be condiff.cfg_family.APG settings, got {type(self.apg).__name__}")
+            if self.cfg_w is None:
+                raise CondiffError("APG applies to classifier-free guidance: give a CFG weight w")
+        if self.weak_model is not None:
+            if self.cfg_w is None:
+                raise CondiffError("autoguidance needs a guidance weight w (cfg_w)")
+            if self.apg is not None:
+                raise CondiffError("autoguidance and APG exclude each other (choose one)")
+        if (self.apg is not None or self.weak_model is not None or self.cfg_pp is not None) and self.cfg_rescale:
+            raise CondiffError("guidance rescale applies to plain classifier-free guidance (not APG, autoguidance "
+                               "or CFG++)")
+        if self.cfg_pp is not None:
+            check_scale("CFG++ lambda", self.cfg_pp)
+            if self.cfg_w is not None or self.unconditional:
+                raise CondiffError("CFG++ (lambda) replaces classifier-free guidance: give cfg_pp or cfg_w, not both, "
+                                   "and no null branch")
+            if self.terms:
+                raise CondiffError("CFG++ does not combine with gradient terms (use cfg_w)")
+        if self.grad_interval is not None:
+            if not self.terms:
+                raise CondiffError("the guidance interval for gradient terms needs gradient terms (for CFG use "
+                                   "the CFG interval)")
+            check_interval(self.grad_interval, "guidance interval", T)
+        if not isinstance(self.recurrence, int) or isinstance(self.recurrence, bool) or self.recurrence < 1:
+            raise CondiffError(f"recurrence must be an integer >= 1, got {self.recurrence!r}")
+        if self.recurrence > 1 and self.form == "mean":
+            raise CondiffError("self-recurrence repeats the score-form step: use form score")
 
     def config(self) -> dict:
         """Everything but the networks, JSON-able; the terms as their settings (name, scale, key, ...)."""
         return {"cfg_w": self.cfg_w, "cfg_interval": None if self.cfg_interval is None else list(self.cfg_interval),
                 "cfg_rescale": self.cfg_rescale, "unconditional": self.unconditional, "form": self.form,
-                "grad_at": self.grad_at, "terms": [t.config() for t in self.terms]}
+                "grad_at": self.grad_at, "terms": [t.config() for t in self.terms],
+                "apg": None if self.apg is None else self.apg.config(), "autoguidance": self.weak_model is not None,
+                "cfg_pp": self.cfg_pp, "recurrence": self.recurrence,
+                "grad_interval": None if self.grad_interval is None else list(self.grad_interval)}
 
     @classmethod
-    def from_config(cls, config: dict, terms: Sequence[GradientTerm] = ()) -> "Guidance":
-        """The inverse of :meth:`config`; ``terms`` supplies the networks, in the config's order.
+    def from_config(cls, config: dict, terms: Sequence[GradientTerm] = (), weak_model=None) -> "Guidance":
+        """The inverse of :meth:`config`; ``terms`` (and ``weak_model`` for autoguidance) supply the networks,
+        the terms in the config's order.
 
         Each given term is copied with the config's scale, so one set of loaded terms serves
         every stored guidance.
         """
         config = dict(config)
         specs = config.pop("terms", [])
-        unknown = set(config) - {"cfg_w", "cfg_interval", "cfg_rescale", "unconditional", "form", "grad_at"}
+        autoguidance = bool(config.pop("autoguidance", False))
+        if autoguidance != (weak_model is not None):
+            raise CondiffError("the guidance config uses autoguidance: give its weak model" if autoguidance else
+                               "a weak model was given but the guidance config does not use autoguidance")
+        unknown = set(config) - {"cfg_w", "cfg_interval", "cfg_rescale", "unconditional", "form", "grad_at", "apg",
+                                 "cfg_pp", "recurrence", "grad_interval"}
         if unknown:
             raise CondiffError(f"unknown guidance settings: {', '.join(sorted(unknown))}")
         terms = list(terms)
@@ -232,10 +298,19 @@ class Guidance:
             term.scale = check_scale(f"{term.name} scale", spec.get("scale", term.scale))
             if "sharpen" in spec:
                 term.sharpen = bool(spec["sharpen"])
+            if isinstance(term, X0Term):
+                for key in ("path", "smoothing", "samples"):
+                    if key in spec:
+                        setattr(term, key, spec[key])
+                if spec.get("weight", "custom") != "custom":  # a function weight is the given term's own
+                    term.weight = spec["weight"]
             built.append(term)
-        if config.get("cfg_interval") is not None:
-            config["cfg_interval"] = tuple(int(v) for v in config["cfg_interval"])
-        return cls(terms=built, **config)
+        for key in ("cfg_interval", "grad_interval"):
+            if config.get(key) is not None:
+                config[key] = tuple(int(v) for v in config[key])
+        if config.get("apg") is not None:
+            config["apg"] = APG(**config["apg"])
+        return cls(terms=built, weak_model=weak_model, **config)
 
 
 class Composed(NamedTuple):
@@ -243,6 +318,19 @@ class Composed(NamedTuple):
 
     model: object
     mean_shift: object
+
+
+class Recurrent:
+    """A model with Universal Guidance's self-recurrence k (``recurrence``), which every solver reads
+    (:func:`condiff.samplers._predict_step`); calls pass through unchanged."""
+
+    def __init__(self, model, k: int):
+        self.model, self.recurrence = model, int(k)
+        if hasattr(model, "eps_pair"):
+            self.eps_pair = model.eps_pair
+
+    def __call__(self, x, t, cond=None):
+        return self.model(x, t, cond)
 
 
 def compose(model, schedule: Schedule, guidance: Guidance | None = None, sampling: Sampling | None = None) -> Composed:
@@ -257,18 +345,29 @@ def compose(model, schedule: Schedule, guidance: Guidance | None = None, samplin
     guidance = (guidance or Guidance()).validate(schedule, model)
     if sampling is not None:
         sampling.validate(schedule, mean_shift=guidance.form == "mean" and bool(guidance.terms))
-    if guidance.unconditional:
+        if guidance.cfg_pp is not None and sampling.sampler not in CFGPP_SAMPLERS:
+            raise CondiffError(f"CFG++ re-noises with the unconditional eps inside the solver step: sampler "
+                               f"{sampling.sampler} has no such hook (use {', '.join(CFGPP_SAMPLERS)})")
+    g = guidance
+    if g.unconditional:
         eps = NullBranch(model)
-    elif guidance.cfg_w is not None:
-        eps = ClassifierFree(model, guidance.cfg_w, interval=guidance.cfg_interval, rescale=guidance.cfg_rescale)
+    elif g.cfg_pp is not None:
+        eps = CFGPlusPlus(model, g.cfg_pp, interval=g.cfg_interval)
+    elif g.cfg_w is not None and g.weak_model is not None:
+        eps = AutoGuided(model, g.weak_model, g.cfg_w, interval=g.cfg_interval)
+    elif g.cfg_w is not None and g.apg is not None:
+        eps = ProjectedGuidance(model, schedule, g.cfg_w, g.apg, interval=g.cfg_interval)
+    elif g.cfg_w is not None:
+        eps = ClassifierFree(model, g.cfg_w, interval=g.cfg_interval, rescale=g.cfg_rescale)
     else:
         eps = Conditioned(model)
-    terms = list(guidance.terms)
-    if not terms:
-        return Composed(eps, None)
-    if guidance.form == "score":
-        return Composed(ScoreGuided(eps, schedule, terms), None)
-    return Composed(eps, MeanShift(terms, at=guidance.grad_at))
+    terms = [t.bind(eps, schedule) if isinstance(t, X0Term) else t for t in g.terms]  # x0_hat from this eps
+    shift = None
+    if terms and g.form == "score":
+        eps = ScoreGuided(eps, schedule, terms, interval=g.grad_interval)
+    elif terms:
+        shift = MeanShift(terms, at=g.grad_at, interval=g.grad_interval)
+    return Composed(Recurrent(eps, g.recurrence) if g.recurrence > 1 else eps, shift)
 
 
 def class_guidance(model, *, classes: bool, cfg_w: float | None = None, classifier: bool = False,

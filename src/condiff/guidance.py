@@ -29,7 +29,7 @@ from .schedule import Schedule
 
 __all__ = [
     "condition_mean", "condition_score", "scaled_grad", "GradientTerm", "ClassifierTerm",
-    "SimilarityTerm", "MeanShift", "ScoreGuided", "ClassifierFree", "NullBranch", "Conditioned", "check_scale",
+    "SimilarityTerm", "MeanShift", "check_interval", "ScoreGuided", "ClassifierFree", "NullBranch", "Conditioned", "check_scale",
     "cond_entry", "network_cond", "batch_cond", "slice_cond", "MODEL_KEY", "FORMS", "GRAD_AT",
 ]
 
@@ -231,10 +231,36 @@ class SimilarityTerm(GradientTerm):
         super().__init__(sim, scale, name=name)
 
 
-def _total_grad(terms: Sequence[GradientTerm], x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+def check_interval(interval, what: str = "guidance interval", T: int | None = None) -> tuple[int, int] | None:
+    """(lo, hi) timesteps with 0 <= lo <= hi (< T when given), or None; one-line error otherwise."""
+    if interval is None:
+        return None
+    try:
+        lo, hi = (int(v) for v in interval)
+    except (TypeError, ValueError):
+        raise CondiffError(f"the {what} must be two timesteps lo,hi, got {interval!r}") from None
+    if not 0 <= lo <= hi or (T is not None and hi >= T):
+        bound = f"0 <= lo <= hi <= {T - 1}" if T is not None else "0 <= lo <= hi"
+        raise CondiffError(f"the {what} must satisfy {bound}, got {lo},{hi}")
+    return lo, hi
+
+
+def _total_grad(terms: Sequence[GradientTerm], x: torch.Tensor, t: torch.Tensor, cond=None,
+                interval: tuple[int, int] | None = None, eps: torch.Tensor | None = None, model=None) -> torch.Tensor:
+    """sum_k gamma_k grad f_k; rows with t outside ``interval`` (lo, hi) get no gradient (a guidance interval
+    for gradient terms, as Kynkaanniemi et al. 2024 for CFG).  Terms with ``uses_eps`` (x0-guidance with eps
+    held fixed) whose own eps-model is ``model`` receive its ``eps`` at x_t, which the caller computed."""
     g = torch.zeros_like(x)
+    if interval is not None:
+        active = (t >= interval[0]) & (t <= interval[1])
+        if not bool(active.any()):
+            return g
     for term in terms:
-        g = g + term.grad(x, t, cond).to(x.dtype)
+        shared = eps is not None and getattr(term, "uses_eps", False) and getattr(term, "model", None) is model
+        extra = {"eps": eps} if shared else {}
+        g = g + term.grad(x, t, cond, **extra).to(x.dtype)
+    if interval is not None:
+        g = torch.where(active.view((-1,) + (1,) * (x.dim() - 1)), g, torch.zeros_like(g))
     return g
 
 
@@ -247,33 +273,53 @@ class MeanShift:
     mu(x_t) (eq 7, the original paper's statement).
     """
 
-    def __init__(self, terms: Sequence[GradientTerm] | GradientTerm, at: str = "x_t"):
+    def __init__(self, terms: Sequence[GradientTerm] | GradientTerm, at: str = "x_t",
+                 interval: tuple[int, int] | None = None):
         if at not in GRAD_AT:
             raise CondiffError(f"gradient location must be x_t or mu, got {at!r}")
         self.terms = [terms] if isinstance(terms, GradientTerm) else list(terms)
         self.at = at
+        self.interval = check_interval(interval)
 
     def __call__(self, x_t, t, mu, cond=None):
-        return _total_grad(self.terms, x_t if self.at == "x_t" else mu, t, cond)
+        return _total_grad(self.terms, x_t if self.at == "x_t" else mu, t, cond, self.interval)
 
 
 class ScoreGuided:
     """Score-form guidance for any sampler (eqs 18-19): eps~ = eps - bbar_t * sum_k gamma_k grad f_k.
 
-    Wraps ``model`` and returns a model of the same signature.
+    Wraps ``model`` and returns a model of the same signature.  ``interval`` (lo, hi): the terms act only
+    for lo <= t <= hi (see :func:`_total_grad`).
     """
 
-    def __init__(self, model, schedule: Schedule, terms: Sequence[GradientTerm] | GradientTerm):
+    def __init__(self, model, schedule: Schedule, terms: Sequence[GradientTerm] | GradientTerm,
+                 interval: tuple[int, int] | None = None):
         self.model = model
         self.schedule = schedule
         self.terms = [terms] if isinstance(terms, GradientTerm) else list(terms)
+        self.interval = check_interval(interval)
+
+    def _shares_forward(self, t: torch.Tensor):
+        """The first term that can give eps from its own forward through this model (x0-guidance through the
+        network), when every row is inside the interval; else None."""
+        if self.interval is not None and not bool(((t >= self.interval[0]) & (t <= self.interval[1])).all()):
+            return None
+        return next((k for k in self.terms if k.scale != 0 and getattr(k, "path", None) == "model"
+                     and getattr(k, "model", None) is self.model and hasattr(k, "grad_and_eps")), None)
 
     def __call__(self, x, t, cond=None):
-        eps = self.model(x, t, cond)
-        if all(term.scale == 0 for term in self.terms):
-            return eps
+        lead = self._shares_forward(t)
+        if lead is None:
+            eps = self.model(x, t, cond)
+            if all(term.scale == 0 for term in self.terms):
+                return eps
+            g = _total_grad(self.terms, x, t, cond, self.interval, eps=eps, model=self.model)
+        else:  # one forward + backward through the network serves the term and eps
+            g, eps = lead.grad_and_eps(x, t, cond)
+            g = g.to(x.dtype) + _total_grad([k for k in self.terms if k is not lead], x, t, cond, self.interval,
+                                            eps=eps, model=self.model)
         _, bbar = self.schedule.gather(t, x)
-        return condition_score(eps, bbar, _total_grad(self.terms, x, t, cond))
+        return condition_score(eps, bbar, g)
 
 
 class NullBranch:

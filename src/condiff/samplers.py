@@ -63,23 +63,60 @@ def dynamic_threshold(x0: torch.Tensor, p: float) -> torch.Tensor:
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-def _predict(model: Model, x: torch.Tensor, t: int, schedule: Schedule, cond, clip_x0, threshold):
+def _predict(model: Model, x: torch.Tensor, t: int, schedule: Schedule, cond, clip_x0, threshold,
+             renoise: bool = False):
     """eps~ = model(x_t, t, cond) and x0 = (x_t - bbar_t eps~) / abar_t (eq 19's eps~, any guidance inside).
 
     When x0 is thresholded and/or clipped, eps~ is re-derived from it, eps~ = (x_t - abar_t x0) / bbar_t,
     so the step stays on the line through x_t and the corrected x0.
+
+    A model with ``eps_pair`` (CFG++, :class:`condiff.cfg_family.CFGPlusPlus`) gives the eps of x0 and a
+    separate re-noising eps, returned as ``eps``; only a solver whose step is abar_s x0 + c eps can use
+    that (``renoise=True``), the others refuse it.
     """
     a, b = schedule.coefficients(t)
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    eps = model(x, tt, cond)
+    pair = getattr(model, "eps_pair", None)
+    if pair is not None:
+        if not renoise:
+            raise CondiffError("CFG++ re-noises with the unconditional eps: only the ddim sampler supports it")
+        eps, eps_renoise = pair(x, tt, cond)
+    else:
+        eps = eps_renoise = model(x, tt, cond)
     x0 = (x - b * eps) / a
     if threshold is not None or clip_x0 is not None:
         if threshold is not None:
             x0 = dynamic_threshold(x0, threshold)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-        eps = (x - a * x0) / b
-    return eps, x0
+        if pair is None:
+            eps_renoise = (x - a * x0) / b
+    return eps_renoise, x0
+
+
+def _plain(model: Model) -> bool:
+    """No self-recurrence: a multistep solver may use its history (under recurrence the re-noised x_t does not
+    continue the trajectory the history was taken on, so the multistep solvers take first-order steps)."""
+    return int(getattr(model, "recurrence", 1)) == 1
+
+
+def _predict_step(model: Model, x: torch.Tensor, t: int, s: int, schedule: Schedule, cond, generator, clip_x0,
+                  threshold, renoise: bool = False):
+    """(x_t, eps~, x0) at the start of a step t -> s, with Universal Guidance's self-recurrence when the model
+    has ``recurrence`` k > 1 (:class:`condiff.compose.Recurrent`; Bansal et al. 2023, Algorithm 1).
+
+    k - 1 times: the DDIM step x_s = abar_s x0 + bbar_s eps~ (eq 17, sigma_t = 0), then fresh noise back to t
+    by the forward process q(x_t | x_s) = N((abar_t/abar_s) x_s, (bbar_t^2 - (abar_t/abar_s)^2 bbar_s^2) I);
+    the solver then takes its own step from the last x_t (multistep solvers a first-order one, see
+    :func:`_plain`).  k = 1 is :func:`_predict` unchanged.
+    """
+    for _ in range(int(getattr(model, "recurrence", 1)) - 1):
+        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold, renoise)
+        (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
+        r = a_t / a_s
+        x = r * (a_s * x0 + b_s * eps) + math.sqrt(max(b_t**2 - (r * b_s) ** 2, 0.0)) * _randn(x, generator)
+    eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold, renoise)
+    return x, eps, x0
 
 
 def _steps(name: str, schedule: Schedule, steps, spacing: str, clip_x0, threshold, options: dict):
@@ -171,7 +208,8 @@ def sample(
     for i, (t, s) in _bar(pairs, progress, "sampling"):
         a_t, b_t = schedule.coefficients(t)
         a_s, b_s = schedule.coefficients(s)
-        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
+        x, eps, x0 = _predict_step(model, x, t, s, schedule, cond, generator, clip_x0, threshold,
+                                   renoise=variance == "ddim")
         sigma2 = _step_sigma2(variance, eta, a_t, b_t, a_s, b_s)
         if variance == "ddim":
             # generalised DDIM: x_s = abar_s x0 + sqrt(bbar_s^2 - sigma^2) eps + sigma z
@@ -212,7 +250,7 @@ def sample_euler(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *,
     pairs = _steps("euler", schedule, steps, spacing, clip_x0, threshold, options)
     for i, (t, s) in _bar(pairs, progress, "euler"):
         (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
-        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
+        x, eps, x0 = _predict_step(model, x, t, s, schedule, cond, generator, clip_x0, threshold)
         x = a_s * (x / a_t + (b_s / a_s - b_t / a_t) * eps)  # Euler step in x~ = x/abar, dx~/dsigma = eps
         _after_step(i, t, x, x0, eps, callback)
     return x
@@ -235,7 +273,7 @@ def sample_euler_ancestral(model: Model, x: torch.Tensor, schedule: Schedule, st
         sig_t, sig_s = b_t / a_t, b_s / a_s
         sig_up = min(sig_s, eta * math.sqrt(max(sig_s**2 * (sig_t**2 - sig_s**2) / sig_t**2, 0.0)))
         sig_down = math.sqrt(sig_s**2 - sig_up**2)
-        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
+        x, eps, x0 = _predict_step(model, x, t, s, schedule, cond, generator, clip_x0, threshold)
         xt = x / a_t + (sig_down - sig_t) * eps  # Euler step in x~ = x/abar to sigma_down
         if sig_up > 0:
             xt = xt + sig_up * _randn(x, generator)
@@ -261,7 +299,7 @@ def sample_heun(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *, 
     for i, (t, s) in _bar(pairs, progress, "heun"):
         (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
         dsig = b_s / a_s - b_t / a_t
-        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
+        x, eps, x0 = _predict_step(model, x, t, s, schedule, cond, generator, clip_x0, threshold)
         xt = x / a_t + dsig * eps  # Euler step
         if 0 < i and s >= 0:  # 2nd-order correction: average the slopes at both ends
             eps_s, _ = _predict(model, a_s * xt, s, schedule, cond, clip_x0, threshold)
@@ -294,13 +332,13 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, schedule: Schedule, steps=25,
     x0_prev = h_prev = None
     for i, (t, s) in _bar(pairs, progress, "dpm++2m"):
         (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
-        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
+        x, eps, x0 = _predict_step(model, x, t, s, schedule, cond, generator, clip_x0, threshold)
         if s < 0:
             x, h = x0, None
         else:
             h = math.log(a_s / b_s) - math.log(a_t / b_t)
             x = (b_s / b_t) * x - (a_s * math.expm1(-h)) * _multistep_x0(x0, x0_prev, h, h_prev)
-        x0_prev, h_prev = x0, h
+        x0_prev, h_prev = (x0, h) if _plain(model) else (None, None)
         _after_step(i, t, x, x0, eps, callback)
     return x
 
@@ -320,7 +358,7 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, schedule: Schedule, steps
     x0_prev = h_prev = None
     for i, (t, s) in _bar(pairs, progress, "dpm++2m-sde"):
         (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
-        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
+        x, eps, x0 = _predict_step(model, x, t, s, schedule, cond, generator, clip_x0, threshold)
         if s < 0:
             x, h = x0, None
         else:
@@ -328,7 +366,7 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, schedule: Schedule, steps
             one_minus = -math.expm1(-2 * h)  # 1 - e^{-2h}
             x = ((b_s / b_t) * math.exp(-h)) * x + (a_s * one_minus) * _multistep_x0(x0, x0_prev, h, h_prev) \
                 + (b_s * math.sqrt(one_minus)) * _randn(x, generator)
-        x0_prev, h_prev = x0, h
+        x0_prev, h_prev = (x0, h) if _plain(model) else (None, None)
         _after_step(i, t, x, x0, eps, callback)
     return x
 
@@ -349,15 +387,17 @@ def sample_unipc(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *,
     Each step first corrects x_t with the x0 just predicted there (UniC, no extra network call; the model
     output itself is the one taken at the uncorrected x_t), then predicts x_s (UniP-2, which with bh2 is the
     DPM-Solver++(2M) step).  Warm-up and the last step are first order, as in diffusers' UniPCMultistepScheduler
-    (lower_order_final); the last step lands on x0.
+    (lower_order_final); the last step lands on x0.  Under self-recurrence (a model with ``recurrence`` > 1)
+    the corrector is skipped: the x_t it would correct has been re-noised.
     """
     pairs = _steps("unipc", schedule, steps, spacing, clip_x0, threshold, options)
     hist = []  # (t, x0) of the last two steps, newest last
     x_prev = order_prev = None
     for i, (t, s) in _bar(pairs, progress, "unipc"):
         (a_t, b_t), (a_s, b_s) = schedule.coefficients(t), schedule.coefficients(s)
-        eps, x0 = _predict(model, x, t, schedule, cond, clip_x0, threshold)
-        if x_prev is not None:  # UniC-p: corrector from the previous timestep with the new data prediction
+        x, eps, x0 = _predict_step(model, x, t, s, schedule, cond, generator, clip_x0, threshold)
+        if x_prev is not None and _plain(model):  # UniC-p: corrector from the previous
+            # timestep with the new data prediction (not under self-recurrence: x_t was re-noised, not predicted)
             (t0, m0), h = hist[-1], _lam(schedule, t) - _lam(schedule, hist[-1][0])
             phi1 = math.expm1(-h)  # h phi_1 = B(h) for bh2
             b1 = (phi1 / -h - 1) / phi1
@@ -371,7 +411,7 @@ def sample_unipc(model: Model, x: torch.Tensor, schedule: Schedule, steps=25, *,
                 rho, corr = b1 - rho0, rho0 * (m2 - m0) / r
             b_0 = schedule.coefficients(t0)[1]
             x = (b_t / b_0) * x_prev - (a_t * phi1) * m0 - (a_t * phi1) * (corr + rho * (x0 - m0))
-        hist = (hist + [(t, x0)])[-2:]
+        hist = (hist + [(t, x0)])[-2:] if _plain(model) else [(t, x0)]
         order = min(2, len(pairs) - i, len(hist))
         x_prev, order_prev = x, order
         if s < 0:

@@ -44,6 +44,7 @@ from .compose import DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, Sampling, compose
 from .guidance import ClassifierTerm
 from .images import save_grid, save_npz
 from .pipeline import generate, load_classifier, warn_if_saturated
+from .sweep_family import FAMILY_METHODS
 from .plots import Panel, Series, save_panels
 from .schedule import Schedule
 
@@ -111,6 +112,9 @@ def _cfg_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
 _cfg_method.option_keys = ()
 
 METHODS: dict[str, Builder] = {"classifier": _classifier_method, "cfg": _cfg_method}
+METHODS.update(FAMILY_METHODS)  # issue 16: cfg-interval, apg, cfg++, autoguide, x0-classifier, x0-image
+SCALE_NAMES.update({"cfg-interval": "w (eq 24)", "apg": "w (eq 24)", "cfg++": "CFG++ lambda", "autoguide": "w",
+                    "x0-classifier": "gamma (x0-guidance)", "x0-image": "gamma (x0-guidance)"})
 
 
 def check_options(method: str, options: dict) -> None:

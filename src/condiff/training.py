@@ -110,24 +110,34 @@ class DiffusionTask:
 
 
 class ClassifierTask:
-    """Cross-entropy of p(y | x_t, t) on noisy inputs, t uniform in [0, t_max)."""
+    """Cross-entropy of p(y | x_t, t) on noisy inputs, t uniform in [0, t_max).
+
+    ``clean=True``: a clean classifier p(y | x_0) for x0-guidance (:mod:`condiff.x0guidance`), trained on the
+    data itself at t = 0 (no noise at all; call it as ``net(x, 0)``, :func:`condiff.x0guidance.at_t0`).
+    """
 
     name = "classifier"
 
-    def __init__(self, schedule: Schedule, t_max: int | None = None):
+    def __init__(self, schedule: Schedule, t_max: int | None = None, clean: bool = False):
+        if clean and t_max is not None:
+            raise CondiffError("a clean classifier trains on t = 0 only: drop --t-max")
         t_max = schedule.T if t_max is None else int(t_max)
         if not 1 <= t_max <= schedule.T:
             raise CondiffError(f"t-max must lie in [1, {schedule.T}], got {t_max}")
-        self.schedule, self.t_max = schedule, t_max
+        self.schedule, self.t_max, self.clean = schedule, t_max, bool(clean)
 
     def config(self) -> dict:
-        return {"task": self.name, "t_max": self.t_max}
+        return {"task": self.name, "t_max": 1 if self.clean else self.t_max, "clean": self.clean}
 
     def loss(self, model, x0, y, generator, shard: Shard = Shard()):
         B = x0.shape[0]
-        t = shard.randint(self.t_max, B, generator).to(x0.device)
-        eps = shard.randn(x0.shape, generator).to(x0.device)
-        logits = model(self.schedule.add_noise(x0, t, eps), t).float()
+        if self.clean:
+            t = torch.zeros(B, dtype=torch.long, device=x0.device)
+            logits = model(x0, t).float()
+        else:
+            t = shard.randint(self.t_max, B, generator).to(x0.device)
+            eps = shard.randn(x0.shape, generator).to(x0.device)
+            logits = model(self.schedule.add_noise(x0, t, eps), t).float()
         correct = (logits.argmax(1) == y).float()
         metrics = {}
         for name, (lo, hi) in T_RANGES.items():

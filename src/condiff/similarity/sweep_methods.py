@@ -21,7 +21,7 @@ from ..errors import CondiffError
 from .captions import class_phrases
 from .terms import EmbeddingSimilarity, ImageSimilarity, TextSimilarity, load_encoder, text_target
 
-__all__ = ["SWEEP_METHODS"]
+__all__ = ["SWEEP_METHODS", "class_references"]
 
 
 def _option(ctx, key: str, method: str, what: str) -> str:
@@ -64,12 +64,10 @@ def _text_method(ctx, scale: float, labels: torch.Tensor):
 _text_method.option_keys = ("text_encoder", "text_prior", r"prompt\d+")
 
 
-def _image_method(ctx, scale: float, labels: torch.Tensor):
-    """Image guidance toward each sample's class reference: sim = cos(E1(x_t, t), target(E2(ref_k))).
-
-    The target is :class:`~.terms.ImageSimilarity`'s (``--option image_prior=W``; default the
-    encoder's default), as in ``condiff sample --image``.
-    """
+def class_references(ctx) -> ImageSimilarity:
+    """The image target of each class (loaded once per sweep, ``ctx.cache["image"]``): test image
+    ``--option refK=INDEX`` of ``--option ref_data`` (default: the first test image of class k), through E2 and
+    the prototype prior (``--option image_prior=W``); ``.target[k]`` is class k's, ``.e1`` / ``.e2`` the encoder."""
     if "image" not in ctx.cache:
         from ..data import load_dataset
 
@@ -92,7 +90,16 @@ def _image_method(ctx, scale: float, labels: torch.Tensor):
             refs.append(data.images[i])
         ctx.cache["image"] = ImageSimilarity.from_encoder(enc, torch.stack(refs), 1.0,
                                                           prior=_number(ctx, "image_prior"))
-    ref = ctx.cache["image"]  # one target per class, then one per sample: cond["image"]
+    return ctx.cache["image"]
+
+
+def _image_method(ctx, scale: float, labels: torch.Tensor):
+    """Image guidance toward each sample's class reference: sim = cos(E1(x_t, t), target(E2(ref_k))).
+
+    The target is :class:`~.terms.ImageSimilarity`'s (``--option image_prior=W``; default the
+    encoder's default), as in ``condiff sample --image``.
+    """
+    ref = class_references(ctx)  # one target per class, then one per sample: cond["image"]
     term = EmbeddingSimilarity(ref.e1, None, scale, name="image")
     return (Guidance(unconditional=ctx.conditional, terms=[term]),
             {"y": labels, "image": ref.target[labels.to(ref.target.device)]})

@@ -1,0 +1,138 @@
+"""``condiff sample`` flags of the guidance family beyond the article (issue 16): x0-guidance, APG, CFG++,
+autoguidance, the guidance interval of gradient terms and self-recurrence.
+
+CLI only (the library never imports it): :func:`add_family_sample_args` adds one argument group,
+:func:`check_family_args` gives the one-line errors that need no file, and :func:`family_guidance` loads
+the networks and returns the fields of :class:`condiff.compose.Guidance`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import CondiffError
+from .validation import float_range, int_range, nonneg_float
+
+__all__ = ["add_family_sample_args", "check_family_args", "family_guidance", "parse_interval"]
+
+
+def parse_interval(text: str) -> tuple[int, int]:
+    """LO,HI timesteps (argparse type)."""
+    try:
+        lo, hi = (int(v) for v in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI timesteps, got {text!r}") from None
+    if lo < 0 or hi < lo:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def add_family_sample_args(p: argparse.ArgumentParser) -> None:
+    """The argument group of issue 16's methods in ``condiff sample``."""
+    from .x0guidance import PATHS, WEIGHTS
+
+    g = p.add_argument_group("guidance beyond the article (x0-guidance, APG, CFG++, autoguidance; all off by "
+                             "default)")
+    g.add_argument("--x0-guidance", default=None, metavar="CKPT",
+                   help="guide with a clean classifier (condiff train-classifier --clean) on the denoised estimate "
+                        "x0_hat = (x_t - bbar_t eps)/abar_t (DPS / Universal Guidance); needs --class")
+    g.add_argument("--x0-scale", type=nonneg_float, default=None, help="its scale gamma (default 1)")
+    g.add_argument("--x0-path", choices=list(PATHS), default=None,
+                   help="gradient through the eps-network (model, DPS; default) or with eps held fixed (fixed: "
+                        "no backward pass through the network, (1/abar_t) grad f)")
+    g.add_argument("--x0-smoothing", type=nonneg_float, default=None, metavar="RHO",
+                   help="Monte-Carlo smoothing of f (TFG): average f(x0_hat + RHO n) over --x0-samples draws "
+                        "(default 0 = off)")
+    g.add_argument("--x0-samples", type=int_range(1, 1000), default=None, metavar="M",
+                   help="draws of the smoothing (default 4 with --x0-smoothing)")
+    g.add_argument("--x0-weight", choices=list(WEIGHTS), default=None,
+                   help="per-t multiplier of the x0 scale: constant (default), abar (abar_t: damps the noisy "
+                        "steps, where x0_hat is poor), bbar")
+    g.add_argument("--recurrence", type=int_range(1, 100), default=None, metavar="K",
+                   help="Universal Guidance's self-recurrence: re-noise and repeat every step K-1 times (K network "
+                        "calls per step; default 1 = off)")
+    g.add_argument("--guidance-interval", type=parse_interval, default=None, metavar="LO,HI",
+                   help="apply the gradient terms (--classifier, --x0-guidance, --text, --image, --style) only for "
+                        "timesteps LO<=t<=HI (--cfg-interval does the same for CFG)")
+    g.add_argument("--apg", action="store_true",
+                   help="adaptive projected guidance (Sadat et al. 2024) with the weight of --cfg-w: the update's "
+                        "part parallel to the conditional x0 scaled by --apg-eta, its norm capped, with momentum")
+    g.add_argument("--apg-eta", type=nonneg_float, default=None, help="weight of the parallel part (default 0)")
+    g.add_argument("--apg-rescale", type=nonneg_float, default=None, metavar="R",
+                   help="cap of the update's per-image norm (default 0 = off)")
+    g.add_argument("--apg-momentum", type=float_range(-0.999, 0.999, "momentum"), default=None, metavar="BETA",
+                   help="momentum of the update over the steps (the paper: negative, e.g. -0.5; default 0 = off)")
+    g.add_argument("--cfg-pp", type=nonneg_float, default=None, metavar="LAMBDA",
+                   help="CFG++ (Chung et al. 2024) instead of --cfg-w: x0 from eps_u + LAMBDA (eps_c - eps_u), "
+                        "re-noised with the unconditional eps_u; LAMBDA in [0, 1]; --sampler ddim only; needs --class")
+    g.add_argument("--autoguide", default=None, metavar="CKPT",
+                   help="autoguidance (Karras et al. 2024): guide with --cfg-w against this weaker eps-model (an "
+                        "early checkpoint or a smaller model of the same recipe) instead of the null condition")
+
+
+_X0_OPTIONS = ("x0_scale", "x0_path", "x0_smoothing", "x0_samples", "x0_weight")
+_APG_OPTIONS = ("apg_eta", "apg_rescale", "apg_momentum")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_family_args(args, cfg_w) -> None:
+    """One-line errors for flags that would be ignored (before any file is read)."""
+    for name in _X0_OPTIONS:
+        if getattr(args, name, None) is not None and not args.x0_guidance:
+            raise CondiffError(f"{_flag(name)} applies to x0-guidance: give --x0-guidance CKPT")
+    if args.x0_samples is not None and not args.x0_smoothing:
+        raise CondiffError("--x0-samples applies to the smoothing: give --x0-smoothing RHO")
+    for name in _APG_OPTIONS:
+        if getattr(args, name, None) is not None and not args.apg:
+            raise CondiffError(f"{_flag(name)} applies to APG: give --apg")
+    if (args.apg or args.autoguide) and cfg_w is None:
+        raise CondiffError(f"{'--apg' if args.apg else '--autoguide'} guides with the weight of --cfg-w: give "
+                           "--cfg-w (or --cfg-scale)")
+    if args.cfg_pp is not None and cfg_w is not None:
+        raise CondiffError("--cfg-pp replaces --cfg-w: give one of them")
+    if args.cfg_pp is not None and args.sampler != "ddim":
+        raise CondiffError(f"--cfg-pp needs --sampler ddim (its step re-noises with the unconditional eps), "
+                           f"not {args.sampler}")
+
+
+def family_guidance(args, model, schedule, shape, device) -> tuple[list, dict]:
+    """(x0 terms, the other Guidance fields) from the flags; loads --x0-guidance and --autoguide."""
+    from .cfg_family import APG
+    from .pipeline import load_classifier, load_diffusion
+    from .x0guidance import X0Term, at_t0, clean_classifier
+
+    terms, fields = [], {}
+    if args.x0_guidance:
+        clf, _ = load_classifier(args.x0_guidance, device, args.trust_pickle)
+        smoothing = args.x0_smoothing or 0.0
+        terms.append(X0Term(clean_classifier(at_t0(clf)), 1.0 if args.x0_scale is None else args.x0_scale,
+                            path=args.x0_path or "model", smoothing=smoothing,
+                            samples=(args.x0_samples or 4) if smoothing else 1, weight=args.x0_weight,
+                            name="x0-classifier"))
+    if args.apg:
+        fields["apg"] = APG(args.apg_eta or 0.0, args.apg_rescale or 0.0, args.apg_momentum or 0.0)
+    if args.autoguide:
+        weak, weak_schedule, weak_config = load_diffusion(args.autoguide, device, args.trust_pickle)
+        if not _same_schedule(weak_schedule, schedule):
+            raise CondiffError(f"{args.autoguide}: the weak model's noise schedule differs from the model's")
+        weak_shape = tuple(weak_config.get("image_shape") or (weak.in_channels, weak.image_size, weak.image_size))
+        if weak_shape != tuple(shape):
+            raise CondiffError(f"{args.autoguide}: the weak model makes {'x'.join(map(str, weak_shape))} images, "
+                               f"the model {'x'.join(map(str, shape))}")
+        if bool(getattr(weak, "conditional", False)) != bool(getattr(model, "conditional", False)):
+            raise CondiffError(f"{args.autoguide}: the weak model must be conditional exactly when the model is")
+        fields["weak_model"] = weak
+    if args.guidance_interval is not None:
+        fields["grad_interval"] = args.guidance_interval
+    if args.recurrence is not None:
+        fields["recurrence"] = args.recurrence
+    return terms, fields
+
+
+def _same_schedule(a, b) -> bool:
+    import torch
+
+    return a.T == b.T and bool(torch.allclose(a.abar, b.abar))
