@@ -293,9 +293,6 @@ def cmd_sample(args) -> int:
     cfg_w = args.cfg_w if args.cfg_scale is None else args.cfg_scale - 1
     if cfg_w is not None and cfg_w < 0:
         raise CondiffError(f"--cfg-scale must be >= 1 (s = 1 + w), got {args.cfg_scale}")
-    if cfg_w is None and (args.cfg_interval is not None or args.cfg_rescale is not None):
-        raise CondiffError(f"{'--cfg-interval' if args.cfg_interval is not None else '--cfg-rescale'} applies to "
-                           "classifier-free guidance: give --cfg-w or --cfg-scale")
     if args.ckpt is not None and args.diffusers_model is not None:
         raise CondiffError("give --ckpt CKPT or --diffusers-model DIR, not both")
     sampling = _sampling(args).validate()  # unknown options for this solver (--eta with ddpm, ...)
@@ -324,13 +321,17 @@ def cmd_sample(args) -> int:
     classes = [resolve_class(c, names, len(names) or None) for c in args.classes] if args.classes else []
     how = class_guidance(model, classes=bool(classes), cfg_w=cfg_w, classifier=bool(args.classifier),
                          unconditional=args.unconditional)
+    if how["cfg_w"] is None and (args.cfg_interval is not None or args.cfg_rescale is not None):
+        raise CondiffError(f"{'--cfg-interval' if args.cfg_interval is not None else '--cfg-rescale'} applies to "
+                           "classifier-free guidance: give --class (and --cfg-w) without --classifier")
     terms = []
     if args.classifier:
         clf, clf_config = load_classifier(args.classifier, device, args.trust_pickle)
         mismatch = check_classifier_schedule(schedule, clf_config)
         if mismatch and current_dist().main:
             print(f"condiff sample: warning: {mismatch}", file=sys.stderr)
-        terms.append(ClassifierTerm(clf, None, 1.0 if args.scale is None else args.scale, sharpen=args.sharpen))
+        scale = DEFAULT_SCALES["classifier"] if args.scale is None else args.scale
+        terms.append(ClassifierTerm(clf, None, scale, sharpen=args.sharpen))
     sim_terms, cond = similarity_terms(args, schedule, shape, device)  # --text, --image, --style (eqs 11-15)
     guidance = Guidance(cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale or 0.0, terms=terms + sim_terms,
                         form=args.form, grad_at=args.grad_at, **how)
@@ -410,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .similarity.commands import add_similarity_sample_args, add_train_encoder_parser
 
-    from .compose import DEFAULT_CLIP_X0, DEFAULT_STEPS
+    from .compose import DEFAULT_CLIP_X0, DEFAULT_SCALES, DEFAULT_STEPS, SCALE_RANGES
     from .demo import DemoConfig
 
     parser = OneLineParser(
@@ -470,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise-aware classifier checkpoint for classifier guidance; the flag alone means the "
                         "shipped Fashion-MNIST classifier")
     p.add_argument("--scale", type=nonneg_float, default=None,
-                   help="classifier guidance scale gamma (default 1); a scale far too large saturates the images, "
-                        "which condiff reports as a warning")
+                   help=f"classifier guidance scale gamma (default {DEFAULT_SCALES['classifier']:g}; "
+                        f"{SCALE_RANGES['classifier']}); a scale far too large saturates the images, which condiff "
+                        "reports as a warning")
     p.add_argument("--form", choices=["score", "mean"], default="score",
                    help="apply gradients as eps - bbar_t*grad (score, eq 19, any sampler; default) "
                         "or as a mean shift mu + sigma_t^2*grad (mean, eq 6, ancestral samplers)")
@@ -480,9 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharpen", action="store_true",
                    help="use the sharpened classifier softmax(gamma*logits) of eqs 9-10 instead of gamma*grad")
     p.add_argument("--cfg-w", type=nonneg_float, default=None,
-                   help="classifier-free weight w of eq 24: (1+w) eps(x,y) - w eps(x,phi); 0 = plain conditional")
+                   help="classifier-free weight w of eq 24: (1+w) eps(x,y) - w eps(x,phi); 0 = plain conditional "
+                        f"(default {DEFAULT_SCALES['cfg']:g} when a conditional model samples --class without "
+                        f"--classifier; {SCALE_RANGES['cfg']})")
     p.add_argument("--cfg-scale", type=finite_float, default=None,
-                   help="the same in diffusers' convention: guidance_scale s = 1 + w (s >= 1)")
+                   help=f"the same in diffusers' convention: guidance_scale s = 1 + w (s >= 1; default "
+                        f"{1 + DEFAULT_SCALES['cfg']:g})")
     p.add_argument("--cfg-interval", type=_interval, default=None,
                    help="apply CFG only for timesteps LO<=t<=HI, inside [0, T) (Kynkaanniemi et al. 2024), e.g. 100,800")
     p.add_argument("--cfg-rescale", type=nonneg_float, default=None,
