@@ -270,7 +270,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from .accel import autocast, compile_model
-    from .compose import Guidance, class_guidance, compose, saturation_warning
+    from .compose import DEFAULT_SCALES, Guidance, class_guidance, compose, saturation_warning
     from .data import resolve_class
     from .distributed import current as current_dist, generate_sharded
     from .guidance import ClassifierTerm
