@@ -54,7 +54,7 @@ def test_shipped_encoders_default_where_the_image_size_matches():
         zoo.shipped("image-encoder")
     with pytest.raises(CondiffError, match=r"--text needs --text-encoder CKPT: the shipped text-encoder "
                                            r"\(fashion-text-encoder\) takes 1x28x28 images, this model makes 3x32x32"):
-        terms.shipped_encoder("text-encoder", (3, 32, 32), "--text", "--text-encoder", "condiff train-encoder")
+        terms.shipped_encoder("text-encoder", (3, 32, 32), "--text", "--text-encoder CKPT", "condiff train-encoder")
 
 
 def test_sweep_defaults_to_the_shipped_models_and_measured_scales(tmp_path):

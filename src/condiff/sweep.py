@@ -382,9 +382,11 @@ def sweep_checkpoint(ckpt, method: str, scales: list[float] | None, n: int, out_
     model, schedule, config = load_diffusion(ckpt if ckpt is not None else shipped("diffusion"), device)
     sampling.validate(schedule)
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
-    companions = {"classifier": ("classifier", "classifier", "--classifier", "condiff train-classifier"),
-                  "text": ("text_encoder", "text-encoder", "--option text_encoder=", "condiff train-encoder --kind text"),
-                  "image": ("image_encoder", "image-encoder", "--option image_encoder=",
+    companions = {"classifier": ("classifier", "classifier", "a noise-aware classifier (--classifier CKPT)",
+                                 "condiff train-classifier"),
+                  "text": ("text_encoder", "text-encoder", "--option text_encoder=CKPT",
+                           "condiff train-encoder --kind text"),
+                  "image": ("image_encoder", "image-encoder", "--option image_encoder=CKPT",
                             "condiff train-encoder --kind image")}
     if method in companions and not options.get(companions[method][0]):
         from .similarity.terms import shipped_encoder

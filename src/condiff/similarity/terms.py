@@ -400,9 +400,9 @@ def shipped_encoder(role: str, shape, flag: str, option: str, train: str) -> str
         path = shipped(role)
         takes = tuple(json.loads((path / "config.json").read_text()).get("image_shape") or ())
     except (CondiffError, OSError, ValueError) as e:
-        raise CondiffError(f"{flag} needs {option} CKPT ({train}); the shipped {role} is not usable: {e}") from None
+        raise CondiffError(f"{flag} needs {option} ({train}); the shipped {role} is not usable: {e}") from None
     if takes != tuple(shape):
-        raise CondiffError(f"{flag} needs {option} CKPT: the shipped {role} ({path.name}) takes "
+        raise CondiffError(f"{flag} needs {option}: the shipped {role} ({path.name}) takes "
                            f"{'x'.join(map(str, takes))} images, this model makes {'x'.join(map(str, shape))}; "
                            f"train one with {train}")
     return str(path)
@@ -430,7 +430,7 @@ def similarity_guidance(shape, schedule: Schedule, device="cpu", *, text: str | 
         return DEFAULT_SCALES[kind] if value is None else value
 
     if text is not None:
-        text_encoder = text_encoder or shipped_encoder("text-encoder", shape, "--text", "--text-encoder",
+        text_encoder = text_encoder or shipped_encoder("text-encoder", shape, "--text", "--text-encoder CKPT",
                                                        "condiff train-encoder --kind text")
         from .text import load_text_encoder
 
@@ -445,7 +445,7 @@ def similarity_guidance(shape, schedule: Schedule, device="cpu", *, text: str | 
         cond["text"] = text_target(enc, te.encode(text), text_prior).reshape(1, -1)
     if image is not None or image_index is not None:
         image_encoder = image_encoder or shipped_encoder("image-encoder", shape, "--image/--image-index",
-                                                         "--image-encoder", "condiff train-encoder --kind image")
+                                                         "--image-encoder CKPT", "condiff train-encoder --kind image")
         enc = encoder_for(image_encoder, "image", shape, device, trust_pickle)
         term = ImageSimilarity.from_encoder(enc, None, scale("image", image_scale), prior=image_prior)
         terms.append(term)
@@ -456,7 +456,8 @@ def similarity_guidance(shape, schedule: Schedule, device="cpu", *, text: str | 
                                    getattr(enc, "class_names", None)))
     if style is not None:
         path = style_encoder or image_encoder or shipped_encoder(
-            "image-encoder", shape, "--style", "--style-encoder or --image-encoder", "condiff train-encoder --kind image")
+            "image-encoder", shape, "--style", "--style-encoder or --image-encoder CKPT",
+            "condiff train-encoder --kind image")
         from ..images import load_image
         from ..zoo import image_path
 
