@@ -141,3 +141,20 @@ def test_the_tutorial_runs_at_a_tiny_size(tmp_path, monkeypatch, capsys):
             runpy.run_path(str(ROOT / args[1]), run_name="__main__")
     assert (tmp_path / "tutorial" / "sweep" / "results.md").is_file()
     assert (tmp_path / "tutorial" / "cfg.png").is_file() and (tmp_path / "tutorial" / "classifier.png").is_file()
+
+
+def test_the_readme_python_examples_run(tmp_path, monkeypatch):
+    """The README's Python blocks, in order and in one namespace, with every step count cut to 2 (the text
+    example needs the extra condiff[text], which scripts/setup.sh installs)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3
+    code = "\n".join(blocks)
+    code = re.sub(r"schedule, (25|50|250),", "schedule, 2,", code)
+    code = re.sub(r"steps=\d+", "steps=2", code)
+    assert ", 50," not in code and "steps=100" not in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own documentation)
+    assert (tmp_path / "sneakers.png").is_file() and (tmp_path / "image.png").is_file()
+    assert namespace["x"].shape[1:] == (1, 28, 28) and namespace["x"].abs().max() <= 1
