@@ -231,8 +231,8 @@ def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule
             flags = ["--unconditional"] + ([f"--text {_quote(cfg.prompts[0])}", f"--text-scale {scale:g}"] if terms else [])
             _section(out, rows, f"text-s{scale:g}", f"Text guidance, gamma = {scale:g} (one prompt per row)",
                      "text similarity (eqs 14-15)", scale, x, [f'"{p}"' for p in cfg.prompts], k, dt, solver,
-                     command(*flags, stochastic_solver=True) + ("  (first row; one command per prompt)" if terms
-                                                                else ""), measured("text", scale))
+                     command(*flags, stochastic_solver=True, count=None if terms else len(prompts))
+                     + ("  (first row; one command per prompt)" if terms else ""), measured("text", scale))
     if "image" not in found:
         return
     enc, refs, style = found["image"], found["references"], found["style"]
@@ -251,8 +251,8 @@ def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule
                                            if terms else [])
             _section(out, rows, f"image-s{scale:g}", f"Image guidance, gamma = {scale:g} (one reference per row)",
                      "image similarity (eqs 14-15)", scale, x, [p.stem for p, _ in refs], k, dt, solver,
-                     command(*flags, stochastic_solver=True) + ("  (first row; one command per reference)" if terms
-                                                                else ""), measured("image", scale))
+                     command(*flags, stochastic_solver=True, count=None if terms else len(refs) * k)
+                     + ("  (first row; one command per reference)" if terms else ""), measured("image", scale))
     if style is not None:  # composed with classifier-free guidance (w = 1) when the model is conditional
         conditional = bool(getattr(model, "num_classes", 0))
         classes = [c for c in cfg.style_classes if c < len(names)] or [0]
