@@ -69,7 +69,7 @@ SCALE_RANGES = {
     "text": "typical 100: judge accuracy 0.95 at 100 and no better at 300 (worse FID_fm and recall)",
     "image": "typical 30-100: judge accuracy 0.92 at 30, 0.96 at 100; 30 keeps more diversity (FID_fm 24 vs 37)",
     "style": "with the shipped encoder no visible stripes at any scale measured, 0-100 (docs/similarity.md); "
-             "above 30 it adds noisy texture",
+             "at 100 it adds noisy texture",
 }
 MAX_ETA = 1.0  # DDIM's sigma_t = eta * posterior std exceeds bbar_s beyond eta = 1 (eq 17 has no real solution)
 
