@@ -68,21 +68,24 @@ judge_acc=$(grep -ao "test accuracy (held-out split): [0-9.]*" "$JUDGE/README.md
   echo "eps-model \`$MODEL\`, noise-aware classifier \`$CLF\`, encoders \`$TEXT\` and \`$IMAGE\`,"
   echo "judge \`$JUDGE\` (test accuracy $judge_acc; it shares nothing with the guidance networks)."
   echo
-  echo "Summary: the best judge accuracy of each method, and diversity (relative to real data) from the"
-  echo "smallest to the largest scale: relevance rises and diversity falls as the scale grows (the article's"
-  echo "trade-off)."
+  echo "Summary: judge accuracy at the first scale and at its best, the lowest FID_fm, and diversity (relative"
+  echo "to real data) from the smallest to the largest scale: relevance rises and diversity falls as the scale"
+  echo "grows (the article's trade-off). The recommended scale (the default, \\`condiff.compose.DEFAULT_SCALES\\`;"
+  echo "docs/which-method.md) balances the two: the lowest FID_fm unless accuracy is still clearly rising."
   echo
-  echo "| method | scales | judge accuracy: first scale -> best (at scale) | diversity / real: first -> last scale |"
-  echo "|---|---|---|---|"
+  echo "| method | scales | judge accuracy: first scale -> best (at scale) | lowest FID_fm (at scale) | diversity / real: first -> last scale |"
+  echo "|---|---|---|---|---|"
   for m in $METHODS; do
     [ -f "$OUT/$m/results.json" ] || continue
     "$PYTHON" - "$OUT/$m/results.json" "$m" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
 best = max(rows, key=lambda r: r["judge_accuracy"])
+fid = min(rows, key=lambda r: r["fid_fm"])
 scales = ", ".join("%g" % r["scale"] for r in rows)
-print("| %s | %s | %.3f -> **%.3f** (%g) | %.2f -> %.2f |" % (sys.argv[2], scales, rows[0]["judge_accuracy"],
-      best["judge_accuracy"], best["scale"], rows[0]["diversity_ratio"], rows[-1]["diversity_ratio"]))
+print("| %s | %s | %.3f -> %.3f (%g) | %.2f (%g) | %.2f -> %.2f |" % (sys.argv[2], scales,
+      rows[0]["judge_accuracy"], best["judge_accuracy"], best["scale"], fid["fid_fm"], fid["scale"],
+      rows[0]["diversity_ratio"], rows[-1]["diversity_ratio"]))
 PY
   done
   echo
@@ -94,7 +97,7 @@ PY
     sed -e 's/^# /## /' -e '/^Files: /d' "$OUT/$m/results.md"
     echo "![$m sweep](results/$m-sweep.png)"
     echo
-    echo "Samples (one row per class) at each scale: $(for g in docs/results/$m-grid-scale-*.png; do
+    echo "Samples (one row per class) at each scale: $(for g in $(printf '%s\n' docs/results/$m-grid-scale-*.png | sort -V); do
       b=$(basename "$g" .png); printf '[%s](results/%s.png) ' "${b#"$m"-grid-}" "$b"; done)"
     echo
   done

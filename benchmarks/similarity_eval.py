@@ -1,4 +1,4 @@
-"""Similarity guidance on Fashion-MNIST, measured (issue 5; article eqs 11-15).
+"""Similarity guidance on Fashion-MNIST, measured (article eqs 11-15).
 
 Text guidance: for each held-out paraphrase (condiff.similarity.captions.HELD_OUT_PROMPTS and
 FRESH_PROMPTS, none of them a training caption) sample the unconditional model guided by

@@ -1,4 +1,4 @@
-"""What verifying SHA256SUMS on load costs for the shipped models (issue 19 item 2).
+"""What verifying SHA256SUMS on load costs for the shipped models.
 
 Not a test: run by hand.  For each shipped model folder: the bytes hashed, the time of
 ``verify_folder`` alone (cold: the folder not seen before in this process), and the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recipe of the models shipped in src/condiff/models (issue 7): trains each one on Fashion-MNIST,
+# The recipe of the models shipped in src/condiff/models: trains each one on Fashion-MNIST,
 # then exports it with a model card.
 #
 #   bash scripts/train_shipped.sh                 # every stage, two lanes in parallel, then export

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from condiff.compose import (Guidance, Sampling, class_guidance, compose, saturated_images, saturation_warning,
+from condiff.compose import (DEFAULT_SCALES, Guidance, Sampling, class_guidance, compose, saturated_images, saturation_warning,
                              solver_options)
 from condiff.errors import CondiffError
 from condiff.guidance import (ClassifierFree, ClassifierTerm, GradientTerm, MeanShift, NullBranch, ScoreGuided,
@@ -125,7 +125,8 @@ def test_class_guidance_decides_how_classes_are_met():
             return torch.zeros(b)
 
     net = Net()
-    assert class_guidance(net, classes=True) == {"cfg_w": 0.0, "unconditional": False}  # the model's own classes
+    assert class_guidance(net, classes=True) == {"cfg_w": DEFAULT_SCALES["cfg"], "unconditional": False}  # default w
+    assert class_guidance(net, classes=True, cfg_w=0.0) == {"cfg_w": 0.0, "unconditional": False}  # plain conditional
     assert class_guidance(net, classes=True, classifier=True) == {"cfg_w": None, "unconditional": True}
     assert class_guidance(net, classes=False) == {"cfg_w": None, "unconditional": True}
     with pytest.raises(CondiffError, match="ignores the class"):

@@ -271,7 +271,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from .accel import autocast, compile_model
-    from .compose import Guidance, class_guidance, compose, saturation_warning
+    from .compose import DEFAULT_SCALES, Guidance, class_guidance, compose, saturation_warning
     from .data import resolve_class
     from .distributed import current as current_dist, generate_sharded
     from .guidance import ClassifierTerm
@@ -296,9 +296,6 @@ def cmd_sample(args) -> int:
     if cfg_w is not None and cfg_w < 0:
         raise CondiffError(f"--cfg-scale must be >= 1 (s = 1 + w), got {args.cfg_scale}")
     check_family_args(args, cfg_w)  # x0-guidance, APG, CFG++, autoguidance (cli_family)
-    if cfg_w is None and args.cfg_pp is None and (args.cfg_interval is not None or args.cfg_rescale is not None):
-        raise CondiffError(f"{'--cfg-interval' if args.cfg_interval is not None else '--cfg-rescale'} applies to "
-                           "classifier-free guidance: give --cfg-w or --cfg-scale")
     if args.ckpt is not None and args.diffusers_model is not None:
         raise CondiffError("give --ckpt CKPT or --diffusers-model DIR, not both")
     sampling = _sampling(args).validate()  # unknown options for this solver (--eta with ddpm, ...)
@@ -329,6 +326,10 @@ def cmd_sample(args) -> int:
                          classifier=bool(args.classifier or args.x0_guidance), unconditional=args.unconditional)
     if args.cfg_pp is not None:  # CFG++'s lambda in place of the CFG weight
         how["cfg_pp"], how["cfg_w"] = how["cfg_w"], None
+    if how["cfg_w"] is None and how.get("cfg_pp") is None and \
+            (args.cfg_interval is not None or args.cfg_rescale is not None):
+        raise CondiffError(f"{'--cfg-interval' if args.cfg_interval is not None else '--cfg-rescale'} applies to "
+                           "classifier-free guidance: give --class (and --cfg-w) without --classifier")
     x0_terms, family = family_guidance(args, model, schedule, shape, device)
     terms = []
     if args.classifier:
@@ -336,7 +337,8 @@ def cmd_sample(args) -> int:
         mismatch = check_classifier_schedule(schedule, clf_config)
         if mismatch and current_dist().main:
             print(f"condiff sample: warning: {mismatch}", file=sys.stderr)
-        terms.append(ClassifierTerm(clf, None, 1.0 if args.scale is None else args.scale, sharpen=args.sharpen))
+        scale = DEFAULT_SCALES["classifier"] if args.scale is None else args.scale
+        terms.append(ClassifierTerm(clf, None, scale, sharpen=args.sharpen))
     sim_terms, cond = similarity_terms(args, schedule, shape, device)  # --text, --image, --style (eqs 11-15)
     guidance = Guidance(cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale or 0.0,
                         terms=terms + x0_terms + sim_terms, form=args.form, grad_at=args.grad_at, **how, **family)
@@ -430,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .similarity.commands import add_similarity_sample_args, add_train_encoder_parser
     from .cli_family import add_family_sample_args
 
-    from .compose import DEFAULT_CLIP_X0, DEFAULT_STEPS
+    from .compose import DEFAULT_CLIP_X0, DEFAULT_SCALES, DEFAULT_STEPS, SCALE_RANGES
     from .demo import DemoConfig
 
     parser = OneLineParser(
@@ -493,8 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise-aware classifier checkpoint for classifier guidance; the flag alone means the "
                         "shipped Fashion-MNIST classifier")
     p.add_argument("--scale", type=nonneg_float, default=None,
-                   help="classifier guidance scale gamma (default 1); a scale far too large saturates the images, "
-                        "which condiff reports as a warning")
+                   help=f"classifier guidance scale gamma (default {DEFAULT_SCALES['classifier']:g}; "
+                        f"{SCALE_RANGES['classifier']}); a scale far too large saturates the images, which condiff "
+                        "reports as a warning")
     p.add_argument("--form", choices=["score", "mean"], default="score",
                    help="apply gradients as eps - bbar_t*grad (score, eq 19, any sampler; default) "
                         "or as a mean shift mu + sigma_t^2*grad (mean, eq 6, ancestral samplers)")
@@ -503,9 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sharpen", action="store_true",
                    help="use the sharpened classifier softmax(gamma*logits) of eqs 9-10 instead of gamma*grad")
     p.add_argument("--cfg-w", type=nonneg_float, default=None,
-                   help="classifier-free weight w of eq 24: (1+w) eps(x,y) - w eps(x,phi); 0 = plain conditional")
+                   help="classifier-free weight w of eq 24: (1+w) eps(x,y) - w eps(x,phi); 0 = plain conditional "
+                        f"(default {DEFAULT_SCALES['cfg']:g} when a conditional model samples --class without "
+                        f"--classifier; {SCALE_RANGES['cfg']})")
     p.add_argument("--cfg-scale", type=finite_float, default=None,
-                   help="the same in diffusers' convention: guidance_scale s = 1 + w (s >= 1)")
+                   help=f"the same in diffusers' convention: guidance_scale s = 1 + w (s >= 1; default "
+                        f"{1 + DEFAULT_SCALES['cfg']:g})")
     p.add_argument("--cfg-interval", type=_interval, default=None,
                    help="apply CFG only for timesteps LO<=t<=HI, inside [0, T) (Kynkaanniemi et al. 2024), e.g. 100,800")
     p.add_argument("--cfg-rescale", type=nonneg_float, default=None,

@@ -162,14 +162,20 @@ def register(sub, helpers) -> None:
                                    "(the article's w of eq 24; diffusers' guidance_scale is 1 + w). Samples of a "
                                    "scale already in OUT with the same settings are reused.",
                        epilog=EPILOG)
-    p.add_argument("--ckpt", required=True, help="eps-model checkpoint or run folder")
+    from .sweep import SWEEP_SCALES
+
+    defaults = "; ".join(f"{m} {','.join(f'{v:g}' for v in vals)}" for m, vals in SWEEP_SCALES.items())
+    p.add_argument("--ckpt", default=None, help="eps-model checkpoint or run folder (default: the shipped "
+                                                "Fashion-MNIST model)")
     p.add_argument("--method", required=True,
                    help="guidance family: classifier, cfg, text, image; beyond the article: cfg-interval, apg, "
                         "cfg++, autoguide, x0-classifier, x0-image (condiff.sweep_family lists their options)")
-    p.add_argument("--scales", type=_scales, default=_scales("0,0.5,1,2,4"),
-                   help="comma-separated scales: gamma for classifier, w for cfg (default 0,0.5,1,2,4)")
+    p.add_argument("--scales", type=_scales, default=None,
+                   help=f"comma-separated scales: gamma for classifier, text and image, w for cfg (default, those "
+                        f"of docs/results.md: {defaults})")
     p.add_argument("--n", type=pos_int, default=1000, help="samples per scale, balanced over classes (default 1000)")
-    p.add_argument("--classifier", default=None, help="noise-aware classifier checkpoint (method classifier)")
+    p.add_argument("--classifier", default=None, help="noise-aware classifier checkpoint (method classifier; "
+                                                      "default: the shipped one when the model makes 1x28x28 images)")
     p.add_argument("--class", dest="classes", action="append", default=[],
                    help="restrict to this class (name or index); repeat for several (default: all classes)")
     p.add_argument("--option", dest="options", type=key_value(), action="append", default=[],
@@ -177,7 +183,8 @@ def register(sub, helpers) -> None:
                         "text_prior=T, promptK=TEXT; image: image_encoder=CKPT, image_prior=W, ref_data=PATH, "
                         "refK=INDEX; cfg-interval: interval=LO,HI; apg: eta, rescale, momentum; autoguide: "
                         "weak=CKPT; x0-classifier / x0-image: path=model|fixed, smoothing, samples, weight, "
-                        "recurrence, interval (an unknown key is an error)")
+                        "recurrence, interval (an unknown key is an error; the encoders default to the shipped ones "
+                        "when the model makes 1x28x28 images)")
     p.add_argument("--form", choices=["score", "mean"], default="score",
                    help="gradient terms as eps - bbar_t*grad (score, eq 19; default) or mean shift (eq 6; an "
                         "ancestral stochastic sampler only); not for method cfg")

@@ -7,6 +7,7 @@ Writes a folder of grids (one row per class or prompt) plus ``index.html`` and
 from __future__ import annotations
 
 import html
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,24 @@ from typing import Callable
 import torch
 
 from .checkpoints import atomic_write_text
-from .compose import (DEFAULT_SAMPLER, DEFAULT_SPACING, Guidance, Sampling, compose, saturation_warning,
-                      solver_options)
+from .compose import (DEFAULT_SAMPLER, DEFAULT_SCALES, DEFAULT_SPACING, Guidance, Sampling, compose,
+                      saturation_warning, solver_options)
 from .guidance import ClassifierTerm
 from .images import save_grid
 from .pipeline import generate, load_classifier, load_diffusion
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "run_demo", "MEASURED"]
+
+#: Judge accuracy measured with the shipped models (docs/results.md: 1000 samples per scale, DDIM-25,
+#: eta 0 for cfg / classifier and eta 1 for text / image): (method, scale) -> accuracy.  The demo page
+#: shows it next to each grid of the shipped eps-model.
+MEASURED = {("cfg", 0.0): 0.699, ("cfg", 1.0): 0.930, ("cfg", 2.0): 0.981, ("cfg", 4.0): 1.000,
+            ("classifier", 0.0): 0.103, ("classifier", 4.0): 0.752, ("classifier", 16.0): 0.895,
+            ("classifier", 32.0): 0.927, ("text", 0.0): 0.108, ("text", 100.0): 0.954, ("text", 300.0): 0.947,
+            ("image", 0.0): 0.108, ("image", 30.0): 0.921, ("image", 100.0): 0.956}
+#: What was measured where accuracy does not apply (docs/similarity.md, style guidance; 64 samples).
+MEASURED_NOTES = {("style", 10.0): "no visible stripes: Gram distance to the style image in the judge's features "
+                                   "3.21 -> 3.02, stripe energy unchanged (docs/similarity.md)"}
 
 
 @dataclass
@@ -33,8 +45,8 @@ class DemoConfig:
     classes: tuple[int, ...] | None = None  # default: T-shirt, trouser, sneaker, bag, ankle boot
     per_class: int = 6
     steps: int = 25
-    cfg_ws: tuple[float, ...] = (0.0, 1.0, 3.0)
-    classifier_scales: tuple[float, ...] = (0.0, 4.0, 16.0)
+    cfg_ws: tuple[float, ...] = (0.0, DEFAULT_SCALES["cfg"], 4.0)
+    classifier_scales: tuple[float, ...] = (0.0, 4.0, DEFAULT_SCALES["classifier"])
     seed: int = 0
     device: str | torch.device = "cpu"
     # similarity guidance (eqs 11-15), on the null branch; sampled with DDIM eta = sim_eta
@@ -54,10 +66,23 @@ class DemoConfig:
 
 
 def _section(out: Path, rows: list, name: str, title: str, method: str, scale, x: torch.Tensor, row_labels,
-             ncol: int, seconds: float) -> None:
+             ncol: int, seconds: float, solver: str = "", command: str = "", measured: str = "") -> None:
     path = save_grid(x, out / f"{name}.png", nrow=ncol, upscale=3)
     rows.append({"file": path.name, "title": title, "method": method, "scale": scale, "rows": list(row_labels),
-                 "seconds": round(seconds, 1)})
+                 "seconds": round(seconds, 1), "solver": solver, "command": command, "measured": measured})
+
+
+def _solver_text(sampling: Sampling) -> str:
+    """e.g. "ddim, 25 steps, eta 1, linspace spacing"."""
+    eta = sampling.options.get("eta", solver_options(sampling.sampler).get("eta"))
+    return (f"{sampling.sampler}, {sampling.steps} steps" + (f", eta {eta:g}" if eta is not None else "")
+            + f", {sampling.spacing} spacing" + (f", threshold {sampling.threshold:g}" if sampling.threshold else ""))
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(str(text))
 
 
 def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
@@ -77,34 +102,63 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
 
     stochastic = Sampling(cfg.sampler, cfg.steps, cfg.spacing, threshold=cfg.threshold,
                           options={"eta": cfg.sim_eta} if "eta" in solver_options(cfg.sampler) else {})
+    shipped_model = _is_shipped(cfg.diffusion)
+    total = _count_sections(cfg, clf, found)
+    done = [0]
 
     def run(guidance, cond=None, count=None, stochastic_solver=False):
         t0 = time.time()
         count = count or n
         use = stochastic if stochastic_solver else sampling
+        done[0] += 1
+        if progress:  # one line per grid, then the solver's own bar
+            print(f"condiff demo: grid {done[0]} of {total}", file=sys.stderr, flush=True)
         eps, shift = compose(model, schedule, guidance, use)
         x = generate(eps, schedule, count, shape=shape, cond=cond, seed=cfg.seed, batch_size=count,
-                     device=cfg.device, mean_shift=shift, **use.kwargs())
+                     device=cfg.device, mean_shift=shift, progress=progress, **use.kwargs())
         warning = saturation_warning(x)
         if warning and cfg.log:
             cfg.log(warning)
         return x, time.time() - t0
 
+    def command(*flags, stochastic_solver=False, count=None) -> str:
+        """The ``condiff sample`` command of a grid: same model, guidance, solver and seed."""
+        use = stochastic if stochastic_solver else sampling
+        parts = ["condiff sample"] + ([] if shipped_model else ["--ckpt", _quote(cfg.diffusion)]) + list(flags)
+        parts += ["--n", str(count or cfg.per_class), "--sampler", use.sampler, "--steps", str(use.steps)]
+        parts += [f"--eta {use.options['eta']:g}"] if "eta" in use.options else []
+        parts += ["--spacing", use.spacing] if use.spacing != DEFAULT_SPACING else []
+        parts += [f"--threshold {use.threshold:g}"] if use.threshold else []
+        return " ".join(parts + ["--seed", str(cfg.seed)])
+
+    def measured(method, scale) -> str:
+        if not shipped_model:
+            return ""
+        if (method, float(scale)) in MEASURED_NOTES:
+            return MEASURED_NOTES[method, float(scale)]
+        acc = MEASURED.get((method, float(scale)))
+        return "" if acc is None else f"judge accuracy {acc:.3f} (1000 samples, docs/results.md)"
+
+    class_flags = [f"--class {_quote(name)}" for name in labels]
     null = Guidance(unconditional=True)
     x, dt = run(null)
     _section(out, rows, "unguided", "Unguided (null branch)", "none", 0, x, ["(any)"] * len(classes),
-             cfg.per_class, dt)
+             cfg.per_class, dt, _solver_text(sampling), command("--unconditional", count=n), measured("classifier", 0))
     for w in cfg.cfg_ws:
         x, dt = run(Guidance(cfg_w=w), cond=y)
         _section(out, rows, f"cfg-w{w:g}", f"Classifier-free guidance, w = {w:g} (s = {1 + w:g})",
-                 "classifier-free (eq 24)", w, x, labels, cfg.per_class, dt)
+                 "classifier-free (eq 24)", w, x, labels, cfg.per_class, dt, _solver_text(sampling),
+                 command(*class_flags, f"--cfg-w {w:g}"), measured("cfg", w))
     if clf is not None:
+        clf_flag = "--classifier" if shipped_model and _is_shipped(cfg.classifier, "classifier") else \
+            f"--classifier {_quote(cfg.classifier)}"
         for gamma in cfg.classifier_scales:  # each row's class travels in cond["y"]
             x, dt = run(Guidance(unconditional=True, terms=[ClassifierTerm(clf, None, gamma)]), cond=y)
             _section(out, rows, f"classifier-g{gamma:g}", f"Classifier guidance, gamma = {gamma:g}",
-                     "classifier (eqs 8, 19)", gamma, x, labels, cfg.per_class, dt)
+                     "classifier (eqs 8, 19)", gamma, x, labels, cfg.per_class, dt, _solver_text(sampling),
+                     command(clf_flag, *class_flags, f"--scale {gamma:g}"), measured("classifier", gamma))
     if found:
-        _similarity_sections(cfg, out, rows, model, schedule, names, run, found)
+        _similarity_sections(cfg, out, rows, model, schedule, names, run, found, stochastic, command, measured)
     for extra in cfg.extra_sections:  # each: (model, schedule, cfg) -> section dicts
         for sec in extra(model, schedule, cfg):
             _section(out, rows, **sec)
@@ -112,10 +166,28 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
 
 
 def shipped_references() -> dict[str, Path]:
-    """The reference images shipped with the package (Fashion-MNIST test images): name -> PNG path."""
-    from .zoo import models_dir
+    """The reference images shipped with the package: name -> PNG path (:func:`condiff.zoo.references`)."""
+    from .zoo import references
 
-    return {p.stem: p for p in sorted((models_dir() / "references").glob("*.png"))}
+    return references()
+
+
+def _is_shipped(path, role: str = "diffusion") -> bool:
+    from .zoo import SHIPPED, models_dir
+
+    try:
+        return path is not None and Path(path).resolve() == (models_dir() / SHIPPED[role]).resolve()
+    except OSError:
+        return False
+
+
+def _count_sections(cfg: DemoConfig, clf, found: dict) -> int:
+    """How many grids the demo samples (for its progress lines)."""
+    count = 1 + len(cfg.cfg_ws) + (len(cfg.classifier_scales) if clf is not None else 0)
+    count += 2 if "text" in found else 0
+    if "image" in found:
+        count += 2 * bool(found["references"]) + 2 * (found["style"] is not None)
+    return count
 
 
 def _similarity_inputs(cfg: DemoConfig, shape) -> dict:
@@ -133,17 +205,21 @@ def _similarity_inputs(cfg: DemoConfig, shape) -> dict:
         found["image"] = load_encoder(cfg.image_encoder, "image", cfg.device)[0]
         paths = list(cfg.references) or [refs[r] for r in ("sneaker", "dress") if r in refs]
         style = cfg.style or refs.get("stripes")
-        found["references"] = [(Path(p), load_image(p, H, C)) for p in paths]
-        found["style"] = (Path(style), load_image(style, H, C)) if style is not None else None
+        from .zoo import image_path
+
+        found["references"] = [(image_path(p), load_image(image_path(p), H, C)) for p in paths]
+        found["style"] = (image_path(style), load_image(image_path(style), H, C)) if style is not None else None
     return found
 
 
-def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule, names, run, found: dict) -> None:
+def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule, names, run, found: dict,
+                         sampling: Sampling, command, measured) -> None:
     """Text, image-reference and style grids (eqs 11-15), each against its unguided twin (same seed)."""
     from .similarity import ImageSimilarity, StyleSimilarity, TextSimilarity
-    from .similarity.terms import DEFAULT_SCALES, text_target
+    from .similarity.terms import text_target
 
     k = cfg.per_class
+    solver = _solver_text(sampling)
     if "text" in found:  # one prompt per row: the targets travel in cond["text"]
         enc, te = found["text"]
         prompts = [p for p in cfg.prompts for _ in range(k)]
@@ -152,8 +228,11 @@ def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule
         for scale, terms in ((0, []), (DEFAULT_SCALES["text"], [term])):
             x, dt = run(Guidance(unconditional=True, terms=terms), cond=cond if terms else None, count=len(prompts),
                         stochastic_solver=True)
+            flags = ["--unconditional"] + ([f"--text {_quote(cfg.prompts[0])}", f"--text-scale {scale:g}"] if terms else [])
             _section(out, rows, f"text-s{scale:g}", f"Text guidance, gamma = {scale:g} (one prompt per row)",
-                     "text similarity (eqs 14-15)", scale, x, [f'"{p}"' for p in cfg.prompts], k, dt)
+                     "text similarity (eqs 14-15)", scale, x, [f'"{p}"' for p in cfg.prompts], k, dt, solver,
+                     command(*flags, stochastic_solver=True, count=None if terms else len(prompts))
+                     + ("  (first row; one command per prompt)" if terms else ""), measured("text", scale))
     if "image" not in found:
         return
     enc, refs, style = found["image"], found["references"], found["style"]
@@ -168,8 +247,12 @@ def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule
         for scale, terms in ((0, []), (DEFAULT_SCALES["image"], [term])):
             x, dt = run(Guidance(unconditional=True, terms=terms), cond=cond if terms else None,
                         count=len(refs) * k, stochastic_solver=True)
+            flags = ["--unconditional"] + ([f"--image {_quote(refs[0][0].stem)}", f"--image-scale {scale:g}"]
+                                           if terms else [])
             _section(out, rows, f"image-s{scale:g}", f"Image guidance, gamma = {scale:g} (one reference per row)",
-                     "image similarity (eqs 14-15)", scale, x, [p.stem for p, _ in refs], k, dt)
+                     "image similarity (eqs 14-15)", scale, x, [p.stem for p, _ in refs], k, dt, solver,
+                     command(*flags, stochastic_solver=True, count=None if terms else len(refs) * k)
+                     + ("  (first row; one command per reference)" if terms else ""), measured("image", scale))
     if style is not None:  # composed with classifier-free guidance (w = 1) when the model is conditional
         conditional = bool(getattr(model, "num_classes", 0))
         classes = [c for c in cfg.style_classes if c < len(names)] or [0]
@@ -178,22 +261,32 @@ def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule
         for scale, terms in ((0, []), (DEFAULT_SCALES["style"], [term])):
             x, dt = run(Guidance(cfg_w=1.0 if conditional else None, terms=terms), cond=y, count=len(classes) * k,
                         stochastic_solver=True)
+            flags = ([f"--class {_quote(names[c])}" for c in classes] + ["--cfg-w 1"] if conditional
+                     else ["--unconditional"]) + ([f"--style {_quote(style[0].stem)}", f"--style-scale {scale:g}"]
+                                                  if terms else [])
             _section(out, rows, f"style-s{scale:g}", f"Style guidance toward {style[0].name}, gamma = {scale:g}"
                      + (", on classifier-free guidance w = 1" if conditional else ""),
                      "style (Gram)" + (" + classifier-free" if conditional else ""), scale, x,
-                     [names[c] for c in classes] if conditional else ["(any)"] * len(classes), k, dt)
+                     [names[c] for c in classes] if conditional else ["(any)"] * len(classes), k, dt, solver,
+                     command(*flags, stochastic_solver=True), measured("style", scale) if terms else "")
 
 
 def _write_index(out: Path, rows: list) -> Path:
-    md = ["# condiff demo", "", "| grid | method | scale | rows | seconds |", "|---|---|---|---|---|"]
-    body = []
+    md = ["# condiff demo", "", "| grid | method | scale | rows | solver | measured | seconds |",
+          "|---|---|---|---|---|---|---|"]
+    body, commands = [], ["", "Commands (`condiff sample` with the same model, guidance, solver and seed):", ""]
     for r in rows:
         md.append(f"| ![{r['title']}]({r['file']}) | {r['method']} | {r['scale']} | {', '.join(r['rows'])} | "
-                  f"{r['seconds']} |")
+                  f"{r['solver']} | {r['measured']} | {r['seconds']} |")
+        if r["command"]:
+            commands.append(f"- `{r['file']}`: `{r['command']}`")
+        extra = "".join(f"<br>{label}: {html.escape(str(r[key]))}" for key, label in
+                        (("solver", "solver"), ("measured", "measured"), ("command", "command")) if r[key])
         body.append(f"<figure><img src='{html.escape(r['file'])}' alt='{html.escape(r['title'])}'>"
                     f"<figcaption><b>{html.escape(r['title'])}</b><br>method: {html.escape(r['method'])}, "
                     f"scale: {html.escape(str(r['scale']))}<br>rows: {html.escape(', '.join(r['rows']))}"
-                    f"</figcaption></figure>")
+                    f"{extra}</figcaption></figure>")
+    md += commands
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>condiff demo</title><style>"
             "body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:1em;vertical-align:top}"

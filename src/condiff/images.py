@@ -16,8 +16,27 @@ from .errors import CondiffError
 MAX_PIXELS = 64 * 1024 * 1024
 
 
+def _square(im: Image.Image, size: int) -> Image.Image:
+    """Resize ``im`` to fit ``size`` x ``size`` keeping its aspect ratio, padded with its border colour (centred)."""
+    if im.width == im.height:
+        return im.resize((size, size), Image.BILINEAR)
+    scale = size / max(im.width, im.height)
+    w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+    inner = im.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(inner)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]).reshape(-1, 1 if arr.ndim == 2 else arr.shape[2])
+    fill = tuple(int(v) for v in np.median(border, axis=0))
+    canvas = Image.new(im.mode, (size, size), fill[0] if len(fill) == 1 else fill)
+    canvas.paste(inner, ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
 def load_image(path: str | Path, size: int, channels: int = 1) -> torch.Tensor:
-    """Read an image file, convert to L or RGB, resize to size x size -> (C, H, W) in [-1, 1]."""
+    """Read an image file, convert to L or RGB, fit it into size x size -> (C, H, W) in [-1, 1].
+
+    A non-square image keeps its aspect ratio: it is resized so that its longer side is ``size``
+    and padded, centred, with the median colour of its border (not stretched).
+    """
     path = Path(path)
     if not path.is_file():
         raise CondiffError(f"image not found: {path}")
@@ -31,7 +50,7 @@ def load_image(path: str | Path, size: int, channels: int = 1) -> torch.Tensor:
                     raise CondiffError(f"{path}: image too large ({im.width}x{im.height})")
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit: scale to 8 bits, do not clip
                     im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
-                im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+                im = _square(im.convert("L" if channels == 1 else "RGB"), size)
                 arr = np.asarray(im, dtype=np.uint8)
     except CondiffError:
         raise

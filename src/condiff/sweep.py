@@ -40,7 +40,7 @@ import torch
 from .checkpoints import atomic_write_text
 from .data import NPZ_READ_ERRORS
 from .errors import CondiffError
-from .compose import DEFAULT_SAMPLER, DEFAULT_STEPS, Guidance, Sampling, compose
+from .compose import Guidance, Sampling, compose
 from .guidance import ClassifierTerm
 from .images import save_grid, save_npz
 from .pipeline import generate, load_classifier, warn_if_saturated
@@ -50,6 +50,12 @@ from .schedule import Schedule
 
 __all__ = ["SweepContext", "METHODS", "get_method", "check_options", "sweep_labels", "sample_at_scale", "run_sweep",
            "write_tables", "sweep_checkpoint"]
+
+#: The scales a sweep visits when none are given: those of docs/results.md, around each method's default.
+SWEEP_SCALES = {"cfg": [0.0, 1.0, 2.0, 4.0], "classifier": [0.0, 4.0, 16.0, 32.0], "text": [0.0, 100.0, 300.0],
+                "image": [0.0, 30.0, 100.0], "cfg-interval": [0.0, 1.0, 2.0, 4.0], "apg": [0.0, 1.0, 2.0, 4.0],
+                "autoguide": [0.0, 1.0, 2.0, 4.0], "cfg++": [0.0, 0.2, 0.4, 0.6, 0.8],
+                "x0-classifier": [0.0, 4.0, 16.0, 64.0], "x0-image": [0.0, 30.0, 100.0]}
 
 #: Scale meaning per method, for table headers.
 SCALE_NAMES = {"classifier": "gamma (eq 8)", "cfg": "w (eq 24; diffusers' guidance_scale = 1 + w)"}
@@ -351,7 +357,7 @@ def write_tables(result: dict, out_dir: str | Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- from files
-def sweep_checkpoint(ckpt, method: str, scales: list[float], n: int, out_dir, *, judge=None, data=None,
+def sweep_checkpoint(ckpt, method: str, scales: list[float] | None, n: int, out_dir, *, judge=None, data=None,
                      classes: list | None = None, options: dict | None = None, classifier=None,
                      sampling: Sampling | None = None, form: str = "score", seed: int = 0, batch_size: int = 250,
                      device="cpu", progress: bool = False, log: Callable[[str], None] | None = print) -> dict:
@@ -359,21 +365,40 @@ def sweep_checkpoint(ckpt, method: str, scales: list[float], n: int, out_dir, *,
 
     ``classes`` are names or indices (default: all); ``classifier`` a checkpoint for method
     classifier; ``options`` the method's other settings.  Nothing is written before every
-    argument has been checked.
+    argument has been checked.  Defaults: ``ckpt`` None is the shipped eps-model, ``scales``
+    None are :data:`SWEEP_SCALES`' of the method, and a missing classifier (method classifier) or
+    encoder (``text_encoder`` / ``image_encoder``) is the shipped one when it takes the model's
+    image size (otherwise a one-line error names it).
     """
     from .checkpoints import resolve_checkpoint
     from .data import resolve_class
     from .evaluation import Evaluator, load_judge, load_real_data
     from .pipeline import load_diffusion
+    from .zoo import shipped
 
     options = dict(options or {})
     if classifier:  # the resolved step-N folder: cached samples are keyed by it
         options["classifier"] = str(resolve_checkpoint(classifier))
     check_options(method, options)  # unknown method or option: fail before loading anything
+    if scales is None:
+        if method not in SWEEP_SCALES:
+            raise CondiffError(f"method {method} has no default scales: give them (--scales)")
+        scales = SWEEP_SCALES[method]
     sampling = sampling or Sampling()
-    model, schedule, config = load_diffusion(ckpt, device)
+    model, schedule, config = load_diffusion(ckpt if ckpt is not None else shipped("diffusion"), device)
     sampling.validate(schedule)
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
+    companions = {"classifier": ("classifier", "classifier", "a noise-aware classifier (--classifier CKPT)",
+                                 "condiff train-classifier"),
+                  "text": ("text_encoder", "text-encoder", "--option text_encoder=CKPT",
+                           "condiff train-encoder --kind text"),
+                  "image": ("image_encoder", "image-encoder", "--option image_encoder=CKPT",
+                            "condiff train-encoder --kind image")}
+    if method in companions and not options.get(companions[method][0]):
+        from .similarity.terms import shipped_encoder
+
+        key, role, flag, train = companions[method]
+        options[key] = str(resolve_checkpoint(shipped_encoder(role, shape, f"method {method}", flag, train)))
     names = config.get("class_names") or []
     judge_net, jconf = load_judge(judge, device)
     jshape = tuple(jconf.get("image_shape") or (judge_net.in_channels, judge_net.image_size, judge_net.image_size))
@@ -389,5 +414,6 @@ def sweep_checkpoint(ckpt, method: str, scales: list[float], n: int, out_dir, *,
     evaluator = Evaluator(judge_net, train_data, test_data, jnames or names, device=device, seed=seed)
     ctx = SweepContext(model, schedule, shape, names, device, options)
     return run_sweep(ctx, method, scales, n, out_dir, evaluator, classes=classes, sampling=sampling, form=form,
-                     seed=seed, batch_size=batch_size, progress=progress, source=str(resolve_checkpoint(ckpt)),
+                     seed=seed, batch_size=batch_size, progress=progress,
+                     source=str(resolve_checkpoint(ckpt if ckpt is not None else shipped("diffusion"))),
                      log=log)

@@ -29,7 +29,8 @@ SHIPPED = {
 
 EXPORT_FILES = ("config.json", "model.safetensors", "README.md", MANIFEST)  # all an export folder holds
 
-__all__ = ["SHIPPED", "EXPORT_FILES", "models_dir", "shipped", "export_model", "check_export_dest"]
+__all__ = ["SHIPPED", "EXPORT_FILES", "models_dir", "shipped", "references", "reference", "image_path",
+           "export_model", "check_export_dest"]
 
 
 def models_dir() -> Path:
@@ -45,6 +46,36 @@ def shipped(role: str) -> Path:
         raise CondiffError(f"the shipped {role} model is not installed ({path}); "
                            "pass a checkpoint explicitly or train it with scripts/train_shipped.sh")
     return path
+
+
+def references() -> dict[str, Path]:
+    """The reference images shipped with the package (Fashion-MNIST-like 28x28 PNGs): name -> path."""
+    return {p.stem: p for p in sorted((models_dir() / "references").glob("*.png"))}
+
+
+def reference(name: str) -> Path:
+    """The path of the shipped reference image ``name`` (e.g. "stripes", "sneaker", "dress").
+
+    Load it with :func:`condiff.images.load_image`; one-line error naming the shipped ones otherwise.
+    """
+    found = references()
+    if name not in found:
+        raise CondiffError(f"no shipped reference image {name!r} (shipped: {', '.join(found) or 'none'})")
+    return found[name]
+
+
+def image_path(spec: str | Path) -> Path:
+    """An image file path, or the name of a shipped reference (``--style stripes``): the file to read.
+
+    A file that exists wins over a shipped name; neither is a one-line error naming the shipped ones.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return path
+    found = references()
+    if str(spec) in found:
+        return found[str(spec)]
+    raise CondiffError(f"image not found: {spec} (a file, or a shipped reference: {', '.join(found) or 'none'})")
 
 
 def _last_log(run: Path) -> dict:

@@ -15,7 +15,8 @@ from pathlib import Path
 from ..errors import CondiffError
 from ..validation import float_range, int_range, nonneg_float
 from .tasks import DEFAULT_ALIGN
-from .terms import DEFAULT_IMAGE_PRIOR, DEFAULT_SCALES, DEFAULT_TEXT_PRIOR
+from ..compose import DEFAULT_SCALES, SCALE_RANGES
+from .terms import DEFAULT_IMAGE_PRIOR, DEFAULT_TEXT_PRIOR
 
 EQS = "Article eqs 11-15: mean shift sigma_t^2 * gamma * grad sim(x_t, y), sim = cos(E1(x_t), E2(y))."
 DEFAULT_TAU = {"image": 0.1, "text": 0.07}
@@ -132,32 +133,38 @@ def add_similarity_sample_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text", default=None, help="text prompt: sim = cos(proj(E1(x_t)), E_text(prompt)); "
                                                 "needs --text-encoder and pip install 'condiff[text]'")
     g.add_argument("--text-scale", type=nonneg_float, default=None,
-                   help=f"text guidance scale gamma (default {DEFAULT_SCALES['text']:g})")
-    g.add_argument("--text-encoder", default=None, help="text encoder checkpoint (condiff train-encoder --kind text)")
+                   help=f"text guidance scale gamma (default {DEFAULT_SCALES['text']:g}; {SCALE_RANGES['text']})")
+    g.add_argument("--text-encoder", default=None, help="text encoder checkpoint (condiff train-encoder --kind text; "
+                                                        "default: the shipped one when the model makes 1x28x28 "
+                                                        "images)")
     g.add_argument("--text-prior", type=nonneg_float, default=None, metavar="T",
                    help="map the prompt onto the caption classes the encoder was aligned with: target = "
                         "sum_k softmax_k(caption similarity / T) * class direction (default "
                         f"{DEFAULT_TEXT_PRIOR:g} for encoders that store their caption bank; 0 = the prompt's "
                         "own embedding, eq 15 as written)")
-    g.add_argument("--image", default=None, help="reference image file (any size; converted and resized): "
-                                                 "sim = cos(E1(x_t), E2(image)); needs --image-encoder")
+    g.add_argument("--image", default=None, help="reference image: a file (any size; converted to grey or RGB, "
+                                                 "resized keeping its aspect ratio, padded with its border colour) "
+                                                 "or a shipped reference by name (sneaker, dress, stripes): "
+                                                 "sim = cos(E1(x_t), E2(image)); uses --image-encoder")
     g.add_argument("--image-index", type=int, default=None,
                    help="reference image by index into the test split of --ref-data instead of --image")
     g.add_argument("--ref-data", default=None,
                    help="dataset for --image-index (default Fashion-MNIST; a folder or .npz as for --data)")
     g.add_argument("--image-scale", type=nonneg_float, default=None,
-                   help=f"image guidance scale gamma (default {DEFAULT_SCALES['image']:g})")
+                   help=f"image guidance scale gamma (default {DEFAULT_SCALES['image']:g}; {SCALE_RANGES['image']})")
     g.add_argument("--image-prior", type=nonneg_float, default=None, metavar="W",
                    help="pull the target E2(image) toward the reference's class: target = E2(image) + W * "
                         "sum_k p(k | image) * prototype_k, renormalised, with E2's own class prototypes (default "
                         f"{DEFAULT_IMAGE_PRIOR:g}; 0 = E2(image) itself, eq 15 as written: closer to the reference, "
                         "less often of its class)")
     g.add_argument("--image-encoder", default=None,
-                   help="image encoder checkpoint (condiff train-encoder --kind image)")
-    g.add_argument("--style", default=None, help="style image file: sim = -Gram-matrix distance of E1 feature "
-                                                 "maps; uses --style-encoder, else --image-encoder")
+                   help="image encoder checkpoint (condiff train-encoder --kind image; default: the shipped one "
+                        "when the model makes 1x28x28 images)")
+    g.add_argument("--style", default=None, help="style image: a file or a shipped reference by name (stripes): "
+                                                 "sim = -Gram-matrix distance of E1 feature maps; uses "
+                                                 "--style-encoder, else --image-encoder")
     g.add_argument("--style-scale", type=nonneg_float, default=None,
-                   help=f"style guidance scale gamma (default {DEFAULT_SCALES['style']:g})")
+                   help=f"style guidance scale gamma (default {DEFAULT_SCALES['style']:g}; {SCALE_RANGES['style']})")
     g.add_argument("--style-encoder", default=None, help="encoder whose E1 features define the style "
                                                          "(default: --image-encoder)")
 
@@ -184,16 +191,10 @@ def similarity_terms(args, schedule, shape, device) -> tuple[list, dict]:
         raise CondiffError("--style-encoder applies to --style")
     if args.image_encoder and not (has_image or (args.style is not None and not args.style_encoder)):
         raise CondiffError("--image-encoder applies to --image, --image-index or --style")
-    if getattr(args, "use_shipped", False):  # the shipped eps-model: the shipped encoders are the defaults
-        from ..zoo import shipped
-
-        if args.text is not None and not args.text_encoder:
-            args.text_encoder = str(shipped("text-encoder"))
-        if (has_image or args.style is not None) and not (args.image_encoder or args.style_encoder):
-            args.image_encoder = str(shipped("image-encoder"))
     return similarity_guidance(shape, schedule, device, text=args.text, text_encoder=args.text_encoder,
                                text_scale=args.text_scale, text_prior=args.text_prior, image=args.image,
                                image_index=args.image_index, ref_data=args.ref_data, image_encoder=args.image_encoder,
                                image_scale=args.image_scale, image_prior=args.image_prior, style=args.style,
                                style_encoder=args.style_encoder, style_scale=args.style_scale,
-                               trust_pickle=args.trust_pickle)
+                               trust_pickle=args.trust_pickle,
+                               log=lambda line: print(f"condiff sample: {line}", file=sys.stderr))

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..compose import DEFAULT_SCALES  # every method's default scale, in one place
 from ..errors import CondiffError
 from ..guidance import SimilarityTerm, cond_entry
 from ..schedule import Schedule
@@ -37,11 +38,11 @@ from .captions import caption_prior, centre
 __all__ = ["DEFAULT_SCALES", "DEFAULT_TEXT_PRIOR", "DEFAULT_IMAGE_PRIOR", "EmbeddingSimilarity", "ImageSimilarity", "TextSimilarity",
            "text_target", "prototype_prior",
            "StyleSimilarity", "gram", "gram_distance", "cosine", "load_encoder", "encoder_for", "reference_image",
+           "describe_reference", "shipped_encoder",
            "similarity_guidance"]
 
 DEFAULT_TEXT_PRIOR = 0.25  # temperature of caption_prior (docs/similarity.md: held-out prompts)
 DEFAULT_IMAGE_PRIOR = 1.0  # weight of prototype_prior (docs/similarity.md: 200 random references)
-DEFAULT_SCALES = {"text": 100.0, "image": 100.0, "style": 10.0}  # gamma, tuned on Fashion-MNIST (docs/similarity.md)
 
 Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -323,7 +324,8 @@ def load_encoder(path, kind: str | None = None, device="cpu", trust_pickle: bool
 # ----------------------------------------------------------------------------- from files to terms
 def encoder_for(path, kind: str | None, shape, device="cpu", trust_pickle: bool = False):
     """A similarity encoder checkpoint for images of ``shape`` (C, H, W); a size mismatch is one line."""
-    enc, _ = load_encoder(path, kind, device, trust_pickle)
+    enc, config = load_encoder(path, kind, device, trust_pickle)
+    enc.class_names = config.get("class_names")  # for describe_reference
     if (enc.in_channels, enc.image_size) != (shape[0], shape[1]):
         raise CondiffError(f"{path}: encoder for {enc.in_channels}x{enc.image_size}x{enc.image_size} images, "
                            f"the model makes {'x'.join(map(str, shape))}")
@@ -339,7 +341,9 @@ def reference_image(shape, image=None, index: int | None = None, ref_data=None) 
     if (image is None) == (index is None):
         raise CondiffError("give a reference image file or an index into the reference data, not both")
     if image is not None:
-        return load_image(image, H, C)
+        from ..zoo import image_path
+
+        return load_image(image_path(image), H, C)
     data = load_dataset(ref_data, "test", size=H, channels=C)
     if not 0 <= index < len(data):
         raise CondiffError(f"--image-index {index} out of range 0..{len(data) - 1}")
@@ -349,17 +353,76 @@ def reference_image(shape, image=None, index: int | None = None, ref_data=None) 
     return data.images[index]
 
 
+FAR_COSINE = 0.5  # below this max cos(E2(ref), prototype) a reference is far from the training data (about
+#                   2% of Fashion-MNIST test images with the shipped encoder; median 0.83)
+
+
+def describe_reference(encoder, reference: torch.Tensor, name="the reference", class_names=None) -> str:
+    """One line: the class E2's prototypes see in ``reference`` (C, H, W), with E2's own probability.
+
+    Warns (:class:`UserWarning`) when the reference lies far from the encoder's training data
+    (max cosine to the class prototypes below :data:`FAR_COSINE`), or when its negative (-x, light
+    and dark swapped) lies clearly nearer (by 0.15) than the reference itself: image guidance then
+    steers toward whatever class E2 sees, not toward the drawing.
+    """
+    import warnings
+
+    protos = getattr(encoder, "prototypes", None)
+    if protos is None:
+        return f"{name}: this image encoder has no class prototypes to name what it sees"
+    ref = _batched(reference).to(next(encoder.parameters()).device)
+    with torch.no_grad():
+        emb = _at_least_f32(encoder(torch.cat([ref[:1], -ref[:1]]), None, "e2"))
+        cos = F.normalize(emb, dim=-1) @ F.normalize(_at_least_f32(protos), dim=-1).T
+    p = torch.softmax(cos[0] / 0.1, dim=-1)
+    k = int(p.argmax())
+    names = list(class_names or [])
+    label = names[k] if k < len(names) else f"class {k}"
+    near, near_negative = float(cos[0].max()), float(cos[1].max())
+    if near_negative > near + 0.15:
+        warnings.warn(f"{name} looks inverted: with light and dark swapped it is much nearer the image encoder's "
+                      f"training data (cosine {near_negative:.2f} against {near:.2f}); as given it reads as {label}. "
+                      "Invert it if that is not what you meant")
+    elif near < FAR_COSINE:
+        warnings.warn(f"{name} lies far from the image encoder's training data (cosine {near:.2f} to the nearest "
+                      f"class, below {FAR_COSINE}); guidance will steer toward {label}, not toward the picture itself")
+    return f"{name}: the image encoder sees {label} (p = {float(p[k]):.2f})"
+
+
+def shipped_encoder(role: str, shape, flag: str, option: str, train: str) -> str:
+    """The shipped encoder ``role`` when it takes images of ``shape`` (C, H, W); otherwise a one-line error
+    that names it, its size, and how to get an encoder for this model."""
+    import json
+
+    from ..zoo import shipped
+
+    try:
+        path = shipped(role)
+        takes = tuple(json.loads((path / "config.json").read_text()).get("image_shape") or ())
+    except (CondiffError, OSError, ValueError) as e:
+        raise CondiffError(f"{flag} needs {option} ({train}); the shipped {role} is not usable: {e}") from None
+    if takes != tuple(shape):
+        raise CondiffError(f"{flag} needs {option}: the shipped {role} ({path.name}) takes "
+                           f"{'x'.join(map(str, takes))} images, this model makes {'x'.join(map(str, shape))}; "
+                           f"train one with {train}")
+    return str(path)
+
+
 def similarity_guidance(shape, schedule: Schedule, device="cpu", *, text: str | None = None, text_encoder=None,
                         text_scale: float | None = None, text_prior: float | None = None, image=None,
                         image_index: int | None = None, ref_data=None, image_encoder=None,
                         image_scale: float | None = None, image_prior: float | None = None, style=None,
-                        style_encoder=None, style_scale: float | None = None, trust_pickle: bool = False):
+                        style_encoder=None, style_scale: float | None = None, trust_pickle: bool = False,
+                        log: Callable[[str], None] | None = None):
     """Text, image and style guidance (eqs 11-15) from checkpoints and inputs: ``(terms, cond)``.
 
     ``terms`` go into :class:`condiff.compose.Guidance`; ``cond`` holds their targets as one-row
     entries of the batch condition (``{"text": (1, D), "image": (1, D)}``), repeated for every
     row by :func:`condiff.guidance.batch_cond` (replace them with (n, D) rows for one target per
-    row).  A scale of None is :data:`DEFAULT_SCALES`'.
+    row).  A scale of None is :data:`DEFAULT_SCALES`'; an encoder of None is the shipped one
+    when it takes images of ``shape`` (:func:`shipped_encoder`), else a one-line error naming it.
+    ``log`` receives one line on the reference image: the class the encoder sees in it
+    (:func:`describe_reference`); a reference far from the encoder's training data is also a warning.
     """
     terms, cond = [], {}
 
@@ -367,8 +430,8 @@ def similarity_guidance(shape, schedule: Schedule, device="cpu", *, text: str | 
         return DEFAULT_SCALES[kind] if value is None else value
 
     if text is not None:
-        if not text_encoder:
-            raise CondiffError("--text needs --text-encoder CKPT (condiff train-encoder --kind text)")
+        text_encoder = text_encoder or shipped_encoder("text-encoder", shape, "--text", "--text-encoder CKPT",
+                                                       "condiff train-encoder --kind text")
         from .text import load_text_encoder
 
         enc = encoder_for(text_encoder, "text", shape, device, trust_pickle)
@@ -381,19 +444,24 @@ def similarity_guidance(shape, schedule: Schedule, device="cpu", *, text: str | 
         terms.append(TextSimilarity(side, None, scale("text", text_scale)))
         cond["text"] = text_target(enc, te.encode(text), text_prior).reshape(1, -1)
     if image is not None or image_index is not None:
-        if not image_encoder:
-            raise CondiffError("--image/--image-index need --image-encoder CKPT (condiff train-encoder --kind image)")
+        image_encoder = image_encoder or shipped_encoder("image-encoder", shape, "--image/--image-index",
+                                                         "--image-encoder CKPT", "condiff train-encoder --kind image")
         enc = encoder_for(image_encoder, "image", shape, device, trust_pickle)
         term = ImageSimilarity.from_encoder(enc, None, scale("image", image_scale), prior=image_prior)
         terms.append(term)
-        cond["image"] = term.targets(reference_image(shape, image, image_index, ref_data).to(device))
+        ref = reference_image(shape, image, image_index, ref_data).to(device)
+        cond["image"] = term.targets(ref)
+        if log is not None:
+            log(describe_reference(enc, ref, image if image is not None else f"test image {image_index}",
+                                   getattr(enc, "class_names", None)))
     if style is not None:
-        path = style_encoder or image_encoder
-        if not path:
-            raise CondiffError("--style needs --style-encoder or --image-encoder CKPT")
+        path = style_encoder or image_encoder or shipped_encoder(
+            "image-encoder", shape, "--style", "--style-encoder or --image-encoder CKPT",
+            "condiff train-encoder --kind image")
         from ..images import load_image
+        from ..zoo import image_path
 
         enc = encoder_for(path, None, shape, device, trust_pickle)
-        terms.append(StyleSimilarity.from_encoder(enc, load_image(style, shape[1], shape[0]), scale("style", style_scale),
-                                                  schedule))
+        terms.append(StyleSimilarity.from_encoder(enc, load_image(image_path(style), shape[1], shape[0]),
+                                                  scale("style", style_scale), schedule))
     return terms, cond
