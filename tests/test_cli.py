@@ -85,7 +85,7 @@ def test_same_seed_same_images(trained, tmp_path):
     ["sample", "--ckpt", "MODEL", "--class", "top", "--classifier", "CLF", "--form", "mean"],
     ["sample", "--ckpt", "MODEL", "--device", "cuda:0"] ,
     ["sample", "--ckpt", "MODEL", "--n", "0"],
-    ["sample", "--ckpt", "MODEL", "--sampler", "euler"],
+    ["sample", "--ckpt", "MODEL", "--sampler", "euler-maruyama"],
     ["sample", "--ckpt", "PICKLE"],
     ["sample", "--ckpt", "CORRUPT"],
     ["train", "--out", "OUT", "--data", "MISSING"],
