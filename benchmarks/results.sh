@@ -37,7 +37,7 @@ sweep() {  # sweep METHOD: one guidance family at its scales
   echo "[$(date +%H:%M:%S)] sweep $1 at ${SCALES[$1]}"
   # shellcheck disable=SC2086
   OMP_NUM_THREADS=1 "$CONDIFF" sweep --ckpt "$MODEL" --method "$1" --scales "${SCALES[$1]}" --out "$OUT/$1" \
-    --n "$N" --steps "$STEPS" --judge "$JUDGE" --no-progress --device cpu ${EXTRA[$1]} > "$OUT/$1.log" 2>&1
+    --n "$N" --sampler ddim --steps "$STEPS" --judge "$JUDGE" --no-progress --device cpu ${EXTRA[$1]} > "$OUT/$1.log" 2>&1
 }
 
 held_out() {  # text guidance on held-out paraphrases; image guidance on 500 random test references, prior 0 and 1

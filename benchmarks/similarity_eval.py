@@ -78,7 +78,8 @@ def sampler(model, schedule, shape, args, device):
     def run(terms, n, start=0, cond=None):
         eps, _ = compose(model, schedule, Guidance(unconditional=conditional, terms=terms))
         with torch.no_grad():
-            return generate(eps, schedule, n, shape=shape, cond=cond, steps=args.steps, eta=args.eta, seed=args.seed,
+            return generate(eps, schedule, n, shape=shape, cond=cond, sampler="ddim", steps=args.steps, eta=args.eta,
+                            seed=args.seed,
                             batch_size=args.batch_size, device=device, clip_x0=args.clip_x0, start=start)
     return run
 

@@ -49,13 +49,23 @@ from .samplers import MEAN_SHIFT_SAMPLERS, SAMPLERS, STOCHASTIC
 from .schedule import SPACINGS, Schedule, respace
 from .x0guidance import X0Term
 
-__all__ = ["DEFAULT_SCALES", "SCALE_RANGES", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_SPACING", "DEFAULT_CLIP_X0",
+__all__ = ["AUTO", "AUTO_SAMPLERS", "auto_sampler", "DEFAULT_SCALES", "SCALE_RANGES", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_SPACING", "DEFAULT_CLIP_X0",
            "MAX_ETA", "Guidance", "Sampling", "Composed", "Recurrent", "compose", "solver_options", "is_stochastic",
            "class_guidance",
            "saturated_images", "saturation_warning"]
 
-DEFAULT_SAMPLER = "ddim"
-DEFAULT_STEPS = 50
+#: The default solver: "auto" picks one of the measured best for the guidance at hand (:func:`auto_sampler`).
+AUTO = "auto"
+DEFAULT_SAMPLER = AUTO
+#: 15 steps: UniPC at 15 network calls beats DDIM-50 with CFG w = 2 on the shipped model (FID_fm 9.24 against
+#: 10.23, judge accuracy 0.980 against 0.984, 1000 samples each; docs/solvers.md), at 0.3x its calls.
+DEFAULT_STEPS = 15
+#: What "auto" stands for (docs/solvers.md, shipped models, 500-1000 samples per point): without gradient
+#: terms (unguided, CFG) the deterministic UniPC has the lowest FID_fm at 10-25 network calls; with gradient
+#: terms (classifier, similarity, x0) the stochastic DPM-Solver++(2M) SDE steers far better (classifier
+#: gamma 16 at 15 calls: judge accuracy 0.978, FID_fm 20.2; DDIM-25: 0.888, 34.6), since fresh noise each step
+#: corrects the guidance's errors; the mean form needs an ancestral mean (ddpm); CFG++ lives in DDIM's step.
+AUTO_SAMPLERS = {"plain": "unipc", "gradient": "dpm++2m-sde", "mean": "ddpm", "cfg++": "ddim"}
 DEFAULT_SPACING = "linspace"
 DEFAULT_CLIP_X0 = 1.0  # the data range: a tiny abar_{T-1} (cosine: 5e-5) otherwise saturates the first steps
 #: The guidance scale each method gets when none is given (``condiff sample``, ``demo``), chosen from
@@ -81,8 +91,31 @@ MAX_ETA = 1.0  # DDIM's sigma_t = eta * posterior std exceeds bbar_s beyond eta 
 _CONTRACT = {"cond", "generator", "spacing", "clip_x0", "threshold", "callback", "progress", "mean_shift"}
 
 
+def auto_sampler(model, mean_shift=None) -> str:
+    """The solver that ``sampler="auto"`` stands for, from the composed model (:data:`AUTO_SAMPLERS`).
+
+    Reads what :func:`compose` built: a mean shift, a CFG++ wrapper (it has ``eps_pair``), or
+    gradient terms with a non-zero scale somewhere in the wrapper chain (``ScoreGuided``).
+    """
+    if mean_shift is not None:
+        return AUTO_SAMPLERS["mean"]
+    if hasattr(model, "eps_pair"):
+        return AUTO_SAMPLERS["cfg++"]
+    m = model
+    for _ in range(32):  # wrappers keep the model they wrap as .model
+        if isinstance(m, ScoreGuided) and any(term.scale for term in m.terms):
+            return AUTO_SAMPLERS["gradient"]
+        m = getattr(m, "model", None)
+        if m is None or isinstance(m, torch.nn.Module):
+            break
+    return AUTO_SAMPLERS["plain"]
+
+
 def solver_options(name: str) -> dict:
-    """The options of solver ``name`` with their defaults (e.g. ddim: {"eta": 0.0}), read from its signature."""
+    """The options of solver ``name`` with their defaults (e.g. ddim: {"eta": 0.0}), read from its signature;
+    "auto" takes none (choose the solver to set its options)."""
+    if name == AUTO:
+        return {}
     if name not in SAMPLERS:
         raise CondiffError(f"unknown sampler {name!r} (choose {', '.join(SAMPLERS)})")
     params = inspect.signature(SAMPLERS[name]).parameters.values()
@@ -119,6 +152,9 @@ class Sampling:
         """One-line errors for an unknown solver, option or spacing, bad steps, mean shift without a mean."""
         known = solver_options(self.sampler)
         unknown = sorted(set(self.options) - set(known))
+        if unknown and self.sampler == AUTO:
+            raise CondiffError(f"the solver options {', '.join(unknown)} need a solver that takes them: choose it "
+                               "(e.g. --sampler ddim for --eta, --sampler ddpm for --variance)")
         if unknown:
             has = f"its options are {', '.join(known)}" if known else "it has no options"
             raise CondiffError(f"sampler {self.sampler} does not take {', '.join(unknown)} ({has})")
@@ -133,7 +169,7 @@ class Sampling:
             raise CondiffError(f"threshold is a percentile in (0, 1], got {self.threshold}")
         if schedule is not None:
             respace(schedule, self.steps, self.spacing)  # steps against T, and the spacing
-        if mean_shift:
+        if mean_shift and self.sampler != AUTO:  # "auto" is ddpm under a mean shift
             if self.sampler not in MEAN_SHIFT_SAMPLERS:
                 raise CondiffError(f"mean-shift guidance (eqs 6-7) needs an ancestral sampler "
                                    f"({', '.join(sorted(MEAN_SHIFT_SAMPLERS))}); sampler {self.sampler} has no "
@@ -362,7 +398,7 @@ def compose(model, schedule: Schedule, guidance: Guidance | None = None, samplin
     guidance = (guidance or Guidance()).validate(schedule, model)
     if sampling is not None:
         sampling.validate(schedule, mean_shift=guidance.form == "mean" and bool(guidance.terms))
-        if guidance.cfg_pp is not None and sampling.sampler not in CFGPP_SAMPLERS:
+        if guidance.cfg_pp is not None and sampling.sampler not in (*CFGPP_SAMPLERS, AUTO):
             raise CondiffError(f"CFG++ re-noises with the unconditional eps inside the solver step: sampler "
                                f"{sampling.sampler} has no such hook (use {', '.join(CFGPP_SAMPLERS)})")
     g = guidance

@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from .checkpoints import atomic_write_text
-from .compose import (DEFAULT_SAMPLER, DEFAULT_SCALES, DEFAULT_SPACING, Guidance, Sampling, compose,
+from .compose import (AUTO, AUTO_SAMPLERS, DEFAULT_SAMPLER, DEFAULT_SCALES, DEFAULT_SPACING, DEFAULT_STEPS, Guidance,
+                      Sampling, compose,
                       saturation_warning, solver_options)
 from .guidance import ClassifierTerm
 from .images import save_grid
@@ -44,7 +45,7 @@ class DemoConfig:
     classifier: str | Path | None = None
     classes: tuple[int, ...] | None = None  # default: T-shirt, trouser, sneaker, bag, ankle boot
     per_class: int = 6
-    steps: int = 25
+    steps: int = DEFAULT_STEPS
     cfg_ws: tuple[float, ...] = (0.0, DEFAULT_SCALES["cfg"], 4.0)
     classifier_scales: tuple[float, ...] = (0.0, 4.0, DEFAULT_SCALES["classifier"])
     seed: int = 0
@@ -75,7 +76,9 @@ def _section(out: Path, rows: list, name: str, title: str, method: str, scale, x
 def _solver_text(sampling: Sampling) -> str:
     """e.g. "ddim, 25 steps, eta 1, linspace spacing"."""
     eta = sampling.options.get("eta", solver_options(sampling.sampler).get("eta"))
-    return (f"{sampling.sampler}, {sampling.steps} steps" + (f", eta {eta:g}" if eta is not None else "")
+    name = sampling.sampler if sampling.sampler != AUTO else \
+        f"auto ({AUTO_SAMPLERS['plain']}, or {AUTO_SAMPLERS['gradient']} with gradient terms)"
+    return (f"{name}, {sampling.steps} steps" + (f", eta {eta:g}" if eta is not None else "")
             + f", {sampling.spacing} spacing" + (f", threshold {sampling.threshold:g}" if sampling.threshold else ""))
 
 
@@ -137,7 +140,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
         if (method, float(scale)) in MEASURED_NOTES:
             return MEASURED_NOTES[method, float(scale)]
         acc = MEASURED.get((method, float(scale)))
-        return "" if acc is None else f"judge accuracy {acc:.3f} (1000 samples, docs/results.md)"
+        return "" if acc is None else f"judge accuracy {acc:.3f} (DDIM-25, 1000 samples, docs/results.md)"
 
     class_flags = [f"--class {_quote(name)}" for name in labels]
     null = Guidance(unconditional=True)

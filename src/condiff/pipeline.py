@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 
 from .checkpoints import load_model
-from .compose import (DEFAULT_CLIP_X0, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, Guidance, Sampling, compose,
-                      saturation_warning)
+from .compose import (AUTO, DEFAULT_CLIP_X0, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, Guidance, Sampling,
+                      auto_sampler, compose, saturation_warning)
 from .errors import CondiffError
 from .guidance import batch_cond, slice_cond
 from .samplers import SAMPLERS, noise
@@ -99,6 +99,8 @@ def generate(model, schedule: Schedule, n: int, *, shape: Sequence[int], cond=No
         raise CondiffError(f"batch size must be >= 1, got {batch_size}")
     sampling = Sampling(sampler, steps, spacing, clip_x0 or None, threshold, options)
     sampling.validate(schedule, mean_shift=mean_shift is not None)
+    if sampler == AUTO:
+        sampler = auto_sampler(model, mean_shift)
     cond = batch_cond(cond, n)
     solver = SAMPLERS[sampler]
     extra = dict(options)
