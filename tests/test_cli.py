@@ -82,7 +82,7 @@ def test_same_seed_same_images(trained, tmp_path):
     ["sample", "--ckpt", "MODEL", "--classifier", "CLF"],
     ["sample", "--ckpt", "CLF"],
     ["sample", "--ckpt", "MODEL", "--class", "top", "--classifier", "MODEL"],
-    ["sample", "--ckpt", "MODEL", "--class", "top", "--classifier", "CLF", "--form", "mean"],
+    ["sample", "--ckpt", "MODEL", "--class", "top", "--classifier", "CLF", "--form", "mean", "--sampler", "unipc"],
     ["sample", "--ckpt", "MODEL", "--device", "cuda:0"] ,
     ["sample", "--ckpt", "MODEL", "--n", "0"],
     ["sample", "--ckpt", "MODEL", "--sampler", "euler-maruyama"],
@@ -149,7 +149,7 @@ def test_demo_writes_every_section_and_an_index(trained, tmp_path):
         assert f"src='{g}'" in page and f"({g})" in report
     assert "gamma = 16" in page and "w = 2 (s = 3)" in page
     assert "grid 1 of" not in p.stderr  # --no-progress: silent
-    assert "ddim, 5 steps, eta 0" in page and "condiff sample --ckpt" in report and "--cfg-w 2" in report
+    assert "auto (unipc, or dpm++2m-sde with gradient terms), 5 steps" in page and "condiff sample --ckpt" in report and "--cfg-w 2" in report
 
 
 def test_demo_shows_progress_unless_told_not_to(trained, tmp_path):
@@ -198,7 +198,7 @@ def test_sample_defaults_to_the_shipped_models(tmp_path):
     assert p.returncode == 0, p.stderr
     assert np.load(tmp_path / "b.npz")["images"].shape == (2, 28, 28, 1)
     p = run_cli(*base, "--text", "a warm top for winter", "--image-index", "0", "--out", tmp_path / "c.png",
-                "--npz", tmp_path / "c.npz", "--eta", "1", "--ref-data", write_npz(tmp_path / "r.npz", _refs()))
+                "--npz", tmp_path / "c.npz", "--sampler", "ddim", "--eta", "1", "--ref-data", write_npz(tmp_path / "r.npz", _refs()))
     assert p.returncode == 0, p.stderr  # the shipped text and image encoders are the defaults
 
 

@@ -150,7 +150,7 @@ def test_the_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert len(blocks) >= 3
     code = "\n".join(blocks)
-    code = re.sub(r"schedule, (25|50|250),", "schedule, 2,", code)
+    code = re.sub(r"schedule, (15|25|50|250),", "schedule, 2,", code)
     code = re.sub(r"steps=\d+", "steps=2", code)
     assert ", 50," not in code and "steps=100" not in code
     monkeypatch.chdir(tmp_path)

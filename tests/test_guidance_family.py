@@ -229,9 +229,9 @@ def test_cfgpp_at_its_identity_settings_is_the_plain_solver():
     """lambda = 0: x0 and the re-noising both from eps_u, i.e. plain DDIM on the null branch; and for a model
     whose condition changes nothing (eps_c = eps_u) CFG++ is plain DDIM at any lambda."""
     n, y = 12, torch.arange(12) % 3
-    plain = generate(NullBranch(GM), S, n, shape=(2,), steps=20, clip_x0=None)
+    plain = generate(NullBranch(GM), S, n, shape=(2,), sampler="ddim", steps=20, clip_x0=None)
     eps, _ = compose(GM, S, Guidance(cfg_pp=0.0), Sampling("ddim", 20, clip_x0=None))
-    assert torch.equal(generate(eps, S, n, shape=(2,), cond={"y": y}, steps=20, clip_x0=None), plain)
+    assert torch.equal(generate(eps, S, n, shape=(2,), sampler="ddim", cond={"y": y}, steps=20, clip_x0=None), plain)
 
     class Blind(GaussianMixture):
         def eps(self, x, t, cond=None):
@@ -240,8 +240,8 @@ def test_cfgpp_at_its_identity_settings_is_the_plain_solver():
         __call__ = eps
 
     blind = Blind(GM.means, GM.covs, schedule=S)
-    ref = generate(Conditioned(blind), S, n, shape=(2,), cond={"y": y}, steps=20, clip_x0=None, eta=0.5)
-    got = generate(CFGPlusPlus(blind, 0.8), S, n, shape=(2,), cond={"y": y}, steps=20, clip_x0=None, eta=0.5)
+    ref = generate(Conditioned(blind), S, n, shape=(2,), sampler="ddim", cond={"y": y}, steps=20, clip_x0=None, eta=0.5)
+    got = generate(CFGPlusPlus(blind, 0.8), S, n, shape=(2,), sampler="ddim", cond={"y": y}, steps=20, clip_x0=None, eta=0.5)
     assert torch.equal(got, ref)
 
 

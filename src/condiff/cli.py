@@ -604,9 +604,11 @@ def _reject_swallowed_values(parser: argparse.ArgumentParser, args) -> None:
 
 
 def _one_line_warning(command: str):
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"condiff {command}: warning: {one_line(message)}", file=file or sys.stderr)
-    return show
+    """``warnings.formatwarning`` for the CLI: one line per library warning.  Formatting, not showing, is
+    replaced, so whoever records warnings (``pytest.warns``, ``catch_warnings(record=True)``) still does."""
+    def fmt(message, category, filename, lineno, line=None):
+        return f"condiff {command}: warning: {one_line(message)}\n"
+    return fmt
 
 
 def main(argv=None) -> int:
@@ -620,10 +622,12 @@ def main(argv=None) -> int:
         from .distributed import launch
 
         # under torchrun: one process group around the command (NCCL on CUDA, gloo on CPU)
-        with launch(getattr(args, "device", "cpu"), args.command, getattr(args, "distributed", False)), \
-                warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning(args.command)  # library warnings: one line each
-            return args.func(args)
+        saved_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning(args.command)
+        try:
+            with launch(getattr(args, "device", "cpu"), args.command, getattr(args, "distributed", False)):
+                return args.func(args)
+        finally:
+            warnings.formatwarning = saved_format
     except CondiffError as e:
         print(f"condiff {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2

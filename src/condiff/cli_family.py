@@ -93,7 +93,7 @@ def check_family_args(args, cfg_w) -> None:
                            "--cfg-w (or --cfg-scale)")
     if args.cfg_pp is not None and cfg_w is not None:
         raise CondiffError("--cfg-pp replaces --cfg-w: give one of them")
-    if args.cfg_pp is not None and args.sampler != "ddim":
+    if args.cfg_pp is not None and args.sampler not in ("ddim", "auto"):  # auto is ddim under CFG++
         raise CondiffError(f"--cfg-pp needs --sampler ddim (its step re-noises with the unconditional eps), "
                            f"not {args.sampler}")
 
