@@ -244,10 +244,10 @@ class MetricsLog:
 
     def __init__(self, path: Path, main: bool, world_size: int):
         self.path, self.main, self.world_size = path, main, world_size
-        self.t0 = time.time()
+        self.t0, self.images = time.time(), 0  # speed: images of this process since t0
 
-    @staticmethod
-    def add(state: TrainState, loss, metrics: dict, n: int) -> None:
+    def add(self, state: TrainState, loss, metrics: dict, n: int) -> None:
+        self.images += n
         state.window["loss"][0] += float(loss.detach()) * n
         state.window["loss"][1] += n
         for k, (num, den) in metrics.items():
@@ -259,12 +259,12 @@ class MetricsLog:
         dt = time.time() - self.t0
         window = merge_sums(state.window, self.world_size)
         rec = {"step": state.step, "wall_s": round(wall_s, 2), "lr": lr, "grad_norm": float(gnorm),
-               "images_per_s": window["loss"][1] / max(dt, 1e-9)}
+               "images_per_s": self.images * self.world_size / max(dt, 1e-9)}
         rec.update({k: num / max(den, 1) for k, (num, den) in window.items()})
         if self.main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        state.window, self.t0 = {"loss": [0.0, 0]}, time.time()
+        state.window, self.t0, self.images = {"loss": [0.0, 0]}, time.time(), 0
         return rec
 
 
@@ -370,7 +370,7 @@ def _run(model, task, data, cfg, out, meta, device, resume_, progress, callback,
             bad_in_row = 0
             loss, metrics, gnorm = result
             state.step += 1
-            MetricsLog.add(state, loss, metrics, len(x0))
+            log.add(state, loss, metrics, len(x0))
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 rec = log.write(state, gnorm, lr, state.wall_before + time.time() - started)
