@@ -322,3 +322,26 @@ def test_attention_unet_runs_and_keeps_old_configs_unchanged():
     assert net(x, torch.tensor([1, 900]), torch.tensor([0, 3])).shape == x.shape
     assert build(net.config).config == net.config and net.config["attention"] is True
     assert "attention" not in UNet(channels=(16, 32)).config  # shipped configs still match on resume
+
+
+def test_cli_trains_with_every_lever_and_posthoc_ema_makes_a_loadable_model(tmp_path):
+    from condiff.pipeline import load_diffusion
+    from helpers import run_cli_inprocess, write_npz
+
+    data = write_npz(tmp_path / "d.npz", shapes_dataset(64))
+    run = tmp_path / "run"
+    rc, _, err = run_cli_inprocess(["train", "--data", data, "--out", run, "--steps", "4", "--batch-size", "16",
+                                    "--channels", "4,8", "--image-size", "8", "--T", "50", "--ckpt-every", "2",
+                                    "--min-snr-gamma", "5", "--t-sampling", "stratified", "--lr-schedule", "cosine",
+                                    "--ema-profiles", "0.05,0.1", "--attention", "--channels-last", "--no-progress",
+                                    "--device", "cpu"])
+    assert rc == 0, err
+    config = load_checkpoint(latest_checkpoint(run))["config"]
+    assert config["min_snr_gamma"] == 5 and config["t_sampling"] == "stratified"
+    assert config["train"]["lr_schedule"] == "cosine" and config["network"]["attention"] is True
+    rc, out, err = run_cli_inprocess(["posthoc-ema", "--run", run, "--sigma-rel", "0.07,0.09", "--out", tmp_path / "e"])
+    assert rc == 0, err
+    model, _, cfg = load_diffusion(tmp_path / "e" / "sigma-0.070")
+    assert cfg["ema"]["sigma_rel"] == 0.07 and cfg["ema"]["step"] == 4
+    rc, _, err = run_cli_inprocess(["posthoc-ema", "--run", run, "--sigma-rel", "0.5", "--out", tmp_path / "f"])
+    assert rc == 2 and "0.28" in err and not (tmp_path / "f").exists()
