@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -54,15 +53,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over the variants (interleaved: a shared "
+                    "machine's load then hits every variant alike); the table gives each round and the median")
     ap.add_argument("--data", default=None)
     args = ap.parse_args()
     data = load_dataset(args.data, "train")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch_size}, "
           f"median of {args.steps - 1} steps")
-    for v in args.variants.split(","):
-        t0 = time.time()
-        s, n = seconds_per_step(data, v, args.steps, args.batch_size)
-        print(f"{v:20s} {s:6.3f} s/step  ({n / 1e6:.2f}M parameters; {time.time() - t0:.0f} s)", flush=True)
+    variants = args.variants.split(",")
+    got: dict = {v: [] for v in variants}
+    for r in range(args.repeats):
+        for v in variants:
+            s, n = seconds_per_step(data, v, args.steps, args.batch_size)
+            got[v].append(s)
+            print(f"round {r + 1}: {v:20s} {s:6.3f} s/step  ({n / 1e6:.2f}M parameters)", flush=True)
+    for v in variants:
+        print(f"{v:20s} median {statistics.median(got[v]):6.3f} s/step over {args.repeats} round(s): "
+              f"{', '.join(f'{s:.3f}' for s in got[v])}")
 
 
 if __name__ == "__main__":

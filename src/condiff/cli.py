@@ -112,8 +112,9 @@ def _train_config(args, **over):
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        weight_decay=args.weight_decay, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
                        seed=args.seed, ckpt_every=args.ckpt_every, keep=args.keep, log_every=args.log_every,
-                       bf16=getattr(args, "bf16", False), lr_schedule=args.lr_schedule, min_lr=args.min_lr,
-                       ema_profiles=tuple(args.ema_profiles), channels_last=args.channels_last, **over)
+                       bf16=getattr(args, "bf16", False), lr_schedule=getattr(args, "lr_schedule", "constant"),
+                       min_lr=getattr(args, "min_lr", 0.0), ema_profiles=tuple(getattr(args, "ema_profiles", ())),
+                       channels_last=getattr(args, "channels_last", False), **over)
 
 
 def _stopped(stop) -> int:
