@@ -9,7 +9,7 @@ weight averages and post-hoc EMA (:mod:`.ema`), and run-folder guards (:mod:`.gu
 
 from .ema import EMA, gamma_to_sigma_rel, list_snapshots, posthoc_ema, posthoc_weights, save_posthoc_ema, sigma_rel_to_gamma
 from .guard import RunLock, RunLocked, StopSignals, TrainingStopped
-from .loop import LR_SCHEDULES, MetricsLog, TrainConfig, TrainState, ema_model, lr_lambda, resume, save, train, train_step
+from .loop import LR_SCHEDULES, MetricsLog, TrainConfig, TrainState, ema_model, lr_lambda, restore, save, train, train_step
 from .tasks import (T_RANGES, T_SAMPLING, ClassifierTask, DiffusionTask, classifier_accuracy_by_t, min_snr_weight,
                     sample_t)
 from .tasks import unwrap as _unwrap  # noqa: F401  (older imports)
@@ -18,4 +18,4 @@ __all__ = ["TrainConfig", "DiffusionTask", "ClassifierTask", "train", "ema_model
            "T_RANGES", "T_SAMPLING", "LR_SCHEDULES", "lr_lambda", "min_snr_weight", "sample_t", "EMA",
            "sigma_rel_to_gamma", "gamma_to_sigma_rel", "posthoc_weights", "posthoc_ema", "save_posthoc_ema",
            "list_snapshots", "RunLock", "RunLocked", "StopSignals", "TrainingStopped", "TrainState", "MetricsLog",
-           "resume", "save", "train_step"]
+           "restore", "save", "train_step"]

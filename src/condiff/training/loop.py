@@ -12,7 +12,7 @@ an optional periodic callback (sample grids), data parallelism over torchrun ran
 one trainer per run folder (:class:`~condiff.training.guard.RunLock`), and a
 checkpoint before exiting on SIGTERM / SIGINT (:class:`~condiff.training.guard.StopSignals`).
 
-The parts: :func:`lr_lambda` (the schedule), :func:`resume` (state from a checkpoint),
+The parts: :func:`lr_lambda` (the schedule), :func:`restore` (state from a checkpoint),
 :func:`train_step` (one optimizer step), :func:`save` (a checkpoint), :class:`MetricsLog`.
 """
 
@@ -41,7 +41,7 @@ from .ema import EMA, SNAPSHOT_DIR, sigma_rel_to_gamma
 from .guard import RunLock, StopSignals, TrainingStopped
 from .tasks import unwrap
 
-__all__ = ["TrainConfig", "TrainState", "LR_SCHEDULES", "lr_lambda", "train", "resume", "train_step", "save",
+__all__ = ["TrainConfig", "TrainState", "LR_SCHEDULES", "lr_lambda", "train", "restore", "train_step", "save",
            "MetricsLog", "ema_model"]
 
 LR_SCHEDULES = ("constant", "cosine", "rsqrt")
@@ -194,7 +194,7 @@ def _move_aside(out: Path) -> None:
         warnings.warn(f"not resuming: moved the previous {name} to {aside}")
 
 
-def resume(state: TrainState, out: Path, ck: dict, where: Path) -> None:
+def restore(state: TrainState, out: Path, ck: dict, where: Path) -> None:
     """Restore ``state`` from a loaded training checkpoint ``ck`` (:func:`condiff.checkpoints.load_checkpoint`).
 
     Checkpoints of the earlier loop (no scheduler or log window in ``extra``) load
@@ -335,7 +335,7 @@ def _run(model, task, data, cfg, out, meta, device, resume_, progress, callback,
     if latest is not None:
         if ck["config"].get("network") != net.config:
             raise CondiffError(f"{latest}: its network config differs from this run's; use another --out")
-        resume(state, out, ck, latest)
+        restore(state, out, ck, latest)
     if main:
         _truncate_log(out / "metrics.jsonl", state.step)  # also drops lines of a start killed before its first checkpoint
     for group in state.opt.param_groups:  # the schedule is a function of the step: rebuilt, not trusted
