@@ -78,7 +78,7 @@ def main() -> None:
     labels = sweep_labels(args.n, list(range(judge.num_classes)))
     rows = []
     settings = [("cfg", w, 0.0) for w in args.scales] + ([("null", 0.0, 1.0)] if args.null else [])
-    print(f"| model | setting | FID_fm | judge acc | s |\n|---|---|---:|---:|---:|", flush=True)
+    print("| model | setting | FID_fm | judge acc | s |\n|---|---|---:|---:|---:|", flush=True)
     for name, path in candidates(args, out):
         model, schedule, config = load_diffusion(path)
         ctx = SweepContext(model, schedule, shape, config.get("class_names") or [])

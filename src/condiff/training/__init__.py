@@ -12,7 +12,6 @@ from .guard import RunLock, RunLocked, StopSignals, TrainingStopped
 from .loop import LR_SCHEDULES, MetricsLog, TrainConfig, TrainState, ema_model, lr_lambda, restore, save, train, train_step
 from .tasks import (T_RANGES, T_SAMPLING, ClassifierTask, DiffusionTask, classifier_accuracy_by_t, min_snr_weight,
                     sample_t)
-from .tasks import unwrap as _unwrap  # noqa: F401  (older imports)
 
 __all__ = ["TrainConfig", "DiffusionTask", "ClassifierTask", "train", "ema_model", "classifier_accuracy_by_t",
            "T_RANGES", "T_SAMPLING", "LR_SCHEDULES", "lr_lambda", "min_snr_weight", "sample_t", "EMA",
