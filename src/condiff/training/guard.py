@@ -1,8 +1,9 @@
 """One trainer per run folder, and a clean stop on SIGTERM / SIGINT.
 
 * :class:`RunLock`  an exclusive ``fcntl.flock`` on ``run_dir/.lock``; the file names
-  its holder (pid, host, start time). The kernel drops the lock when its holder
-  dies, so a lock file left by a killed trainer is *stale* and simply taken over.
+  its holder (pid, host, start time) and is removed on release. The kernel drops
+  the lock when its holder dies, so a lock file left by a killed trainer is
+  *stale* and simply taken over.
 * :class:`StopSignals`  while training, SIGTERM and SIGINT only set a flag; the
   loop finishes its step, writes a checkpoint and raises :class:`TrainingStopped`
   (the CLI exits 0 for SIGTERM, 130 for SIGINT). Resume then loses nothing.
@@ -69,15 +70,23 @@ class RunLock:
         if fcntl is None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                h = self.holder() or {}
+                raise RunLocked(f"{self.path.parent} is in use by another trainer (pid {h.get('pid', '?')} on "
+                                f"{h.get('host', '?')}, since {h.get('started', '?')}); wait for it, stop it, "
+                                "or use another --out") from None
+            try:  # the holder may have released and removed the file between our open and flock: retry
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            h = self.holder() or {}
-            raise RunLocked(f"{self.path.parent} is in use by another trainer (pid {h.get('pid', '?')} on "
-                            f"{h.get('host', '?')}, since {h.get('started', '?')}); wait for it, stop it, "
-                            "or use another --out") from None
         self.took_over = self.holder()  # a record nobody holds: its trainer died (stale), take over
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -87,9 +96,10 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Remove the lock file, then unlock: a finished run leaves no .lock behind."""
         if self._fd is not None:
             try:
-                os.ftruncate(self._fd, 0)  # an empty record: released cleanly
+                self.path.unlink(missing_ok=True)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 os.close(self._fd)
