@@ -94,8 +94,8 @@ def _float_list(text: str) -> tuple[float, ...]:
         vals = tuple(float(v) for v in str(text).split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals or any(not 0 < v < 0.28 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected numbers in (0, 0.28), got {text!r}")
+    if not vals or any(not 0.001 <= v < 0.28 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected numbers in [0.001, 0.28), got {text!r}")
     return vals
 
 

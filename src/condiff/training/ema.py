@@ -40,8 +40,8 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent gamma whose profile has relative width ``sigma_rel`` (the real root of EDM2 eq 3)."""
-    if not 0 < sigma_rel < gamma_to_sigma_rel(0.0):
-        raise CondiffError(f"sigma-rel must lie in (0, {gamma_to_sigma_rel(0.0):.3f}), got {sigma_rel}")
+    if not 0.001 <= sigma_rel < gamma_to_sigma_rel(0.0):  # 0.001: gamma ~ 1000, the last weights alone
+        raise CondiffError(f"sigma-rel must lie in [0.001, {gamma_to_sigma_rel(0.0):.3f}), got {sigma_rel}")
     s2 = sigma_rel ** -2  # (gamma+2)^2 (gamma+3) = (gamma+1) / sigma_rel^2, a cubic in gamma
     roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9 and r.real > -1))

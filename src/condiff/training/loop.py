@@ -96,7 +96,7 @@ class TrainConfig:
         if len(set(self.ema_profiles)) != len(self.ema_profiles):
             raise CondiffError(f"ema-profiles must differ, got {list(self.ema_profiles)}")
         for s in self.ema_profiles:
-            sigma_rel_to_gamma(float(s))  # raises on a value outside (0, 0.289)
+            sigma_rel_to_gamma(float(s))  # raises on a value outside [0.001, 0.289)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
