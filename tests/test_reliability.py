@@ -396,3 +396,70 @@ def test_no_resume_starts_over_without_losing_or_mixing_the_old_run(tmp_path):
     assert [r["step"] for r in _log(tmp_path / "run")] == [1, 2]
     (old,) = tmp_path.joinpath("run").glob("checkpoints.replaced-*")
     assert [p.name for p in (old).iterdir()] == ["step-0000006"]
+
+
+# ------------------------------------------------------------------- one trainer per folder, preemption (issue 19)
+def _wait_for(cond, what: str, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout  # a hang guard, not a timing assertion
+    while not cond():
+        assert time.monotonic() < deadline, f"waited for {what}: {log.read_text()[-2000:] if log.exists() else ''}"
+        time.sleep(0.01)
+
+
+def _logged(run: Path) -> int:
+    return len(_log(run, strict=False))
+
+
+@pytest.fixture(scope="module")
+def forks():
+    """One fork server for the lock and signal tests (torch is imported once)."""
+    server = ForkServer(dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    yield server
+    server.close()
+
+
+def test_second_trainer_on_a_run_folder_fails_naming_the_first_and_a_stale_lock_is_taken_over(tmp_path, forks):
+    data = write_npz(tmp_path / "shapes.npz", shapes_dataset(64))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--batch-size", "8", "--ckpt-every", "5",
+            "--log-every", "1", *TINY]
+    pid = forks.run(tmp_path / "first.log", [*args, "--steps", "100000"])
+    try:
+        _wait_for(lambda: _logged(run) >= 1, "the first trainer's first step", tmp_path / "first.log")
+        rc, _, err = run_cli_inprocess([*args, "--steps", "3", "--seed", "5"])
+    finally:
+        os.kill(pid, signal.SIGKILL)  # the holder dies without releasing: its lock file stays behind
+        assert forks.wait(pid) == -signal.SIGKILL
+    assert_one_line_error(_Proc(rc, err))
+    assert f"pid {pid}" in err and "in use by another trainer" in err, err
+    assert json.loads((run / ".lock").read_text())["pid"] == pid  # a stale record names the dead trainer
+    rc, _, err = run_cli_inprocess([*args, "--steps", str(_newest_step(run) + 2)])
+    assert rc == 0, err  # taken over: the dead holder no longer blocks the folder
+    log_steps = [r["step"] for r in _log(run)]
+    assert log_steps == sorted(set(log_steps)), "duplicate or unordered steps in metrics.jsonl"
+    assert not (run / ".lock").exists()  # released cleanly at the end
+
+
+def test_sigterm_and_sigint_finish_the_step_write_a_checkpoint_and_lose_nothing(tmp_path, forks):
+    data = write_npz(tmp_path / "shapes.npz", shapes_dataset(64))
+    steps = 30
+    args = ["train", "--data", str(data), "--batch-size", "8", "--ckpt-every", "1000", "--log-every", "1",
+            "--steps", str(steps), "--lr-schedule", "cosine", "--seed", "3", *TINY]
+    assert forks.wait(forks.run(tmp_path / "ref.log", [*args, "--out", str(tmp_path / "ref")])) == 0
+    keys = ("step", "loss", "lr", "grad_norm")
+    for sig, code in ((signal.SIGTERM, 0), (signal.SIGINT, 130)):
+        run, log = tmp_path / sig.name, tmp_path / f"{sig.name}.log"
+        pid = forks.run(log, [*args, "--out", str(run)])
+        _wait_for(lambda: _logged(run) >= 3, "three logged steps", log)
+        os.kill(pid, sig)
+        assert forks.wait(pid) == code, log.read_text()[-2000:]
+        stopped_at = _newest_step(run)  # no regular checkpoint before step 1000: this one is the signal's
+        assert 3 <= stopped_at < steps, log.read_text()[-2000:]
+        assert _logged(run) == stopped_at  # every logged step is in the checkpoint: nothing to redo
+        assert f"stopped by {sig.name} after step {stopped_at}" in log.read_text()
+        assert forks.wait(forks.run(log, [*args, "--out", str(run)])) == 0  # resume to the end
+        a, b = latest_checkpoint(run), latest_checkpoint(tmp_path / "ref")
+        assert a.name == b.name == f"step-{steps:07d}"
+        for name in ("model.safetensors", "training.safetensors"):
+            assert _sha(a / name) == _sha(b / name), (sig.name, name)
+        assert [{k: r[k] for k in keys} for r in _log(run)] == [{k: r[k] for k in keys} for r in _log(tmp_path / "ref")]

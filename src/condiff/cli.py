@@ -77,8 +77,29 @@ def _add_train_common(p: argparse.ArgumentParser, steps: int, lr: float, channel
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     p.add_argument("--limit", type=_pos_int, default=None, help="use only the first N training images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine", "rsqrt"], default="constant",
+                   help="after the warm-up: constant (default), cosine decay to --min-lr at --steps, or "
+                        "inverse-square-root decay (docs/training.md)")
+    p.add_argument("--min-lr", type=nonneg_float, default=0.0,
+                   help="the cosine schedule's final lr as a fraction of --lr (default 0)")
+    p.add_argument("--ema-profiles", type=_float_list, default=(),
+                   help="post-hoc EMA: keep power-function EMA profiles of these relative widths, e.g. "
+                        "0.05,0.1; snapshots go to OUT/posthoc-ema at every checkpoint, and "
+                        "`condiff posthoc-ema` makes any width from them afterwards (default: none)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory layout for the network and its inputs (a speed lever; docs/training.md)")
     _add_accel(p)
     _add_common(p)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not 0.001 <= v < 0.28 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected numbers in [0.001, 0.28), got {text!r}")
+    return vals
 
 
 def _add_accel(p: argparse.ArgumentParser) -> None:
@@ -94,7 +115,15 @@ def _train_config(args, **over):
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        weight_decay=args.weight_decay, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
                        seed=args.seed, ckpt_every=args.ckpt_every, keep=args.keep, log_every=args.log_every,
-                       bf16=getattr(args, "bf16", False), **over)
+                       bf16=getattr(args, "bf16", False), lr_schedule=getattr(args, "lr_schedule", "constant"),
+                       min_lr=getattr(args, "min_lr", 0.0), ema_profiles=tuple(getattr(args, "ema_profiles", ())),
+                       channels_last=getattr(args, "channels_last", False), **over)
+
+
+def _stopped(stop) -> int:
+    """Exit code of a training command stopped by SIGTERM (0) or SIGINT (130), after its checkpoint."""
+    print(f"condiff: {stop}", file=sys.stderr)
+    return stop.exit_code
 
 
 def _load_data(args, split="train"):
@@ -182,7 +211,7 @@ def cmd_train(args) -> int:
     from .nets import UNet
     from .pipeline import generate, resolve_device
     from .schedule import make_schedule
-    from .training import DiffusionTask, train
+    from .training import DiffusionTask, TrainingStopped, train
 
     device = resolve_device(args.device)
     data = _load_data(args)
@@ -192,7 +221,7 @@ def cmd_train(args) -> int:
     schedule = make_schedule(args.schedule, args.T)
     num_classes = data.num_classes if args.cond == "class" else None
     model = UNet(in_channels=C, image_size=H, channels=args.channels, blocks=args.blocks, stem=args.stem,
-                 num_classes=num_classes).to(device)
+                 num_classes=num_classes, attention=args.attention).to(device)
     names = data.class_names or [str(i) for i in range(data.num_classes)]
     meta = {"schedule": schedule.config(), "class_names": names, "image_shape": [C, H, W]}
     out = Path(args.out)
@@ -205,16 +234,34 @@ def cmd_train(args) -> int:
         save_grid(x, out / "samples" / f"step-{step:07d}.png", nrow=8)
 
     dist = current_dist()
+    task = DiffusionTask(schedule, args.p_uncond if num_classes else 0.0, min_snr_gamma=args.min_snr_gamma,
+                         t_sampling=args.t_sampling)
+    cfg = _train_config(args, sample_every=args.sample_every)
+    cfg.validate()  # before the banner: a bad value prints nothing but its error
     if dist.main:
         print(f"condiff train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(data)} images {C}x{H}x{W}, device {device}, {dist.world_size} process(es)", file=sys.stderr)
-    task = DiffusionTask(schedule, args.p_uncond if num_classes else 0.0)
-    final = train(compile_model(dist.wrap(model), args.compile), task, data,
-                  _train_config(args, sample_every=args.sample_every), out, meta=meta, device=device,
-                  resume=not args.no_resume, progress=not args.no_progress, callback=on_sample,
-                  **dist.train_kwargs())
+    try:
+        final = train(compile_model(dist.wrap(model), args.compile), task, data, cfg, out, meta=meta,
+                      device=device, resume=not args.no_resume, progress=not args.no_progress, callback=on_sample,
+                      **dist.train_kwargs())
+    except TrainingStopped as stop:
+        return _stopped(stop) if dist.main else stop.exit_code
     if dist.main:
         print(f"final checkpoint: {final}")
+    return 0
+
+
+def cmd_posthoc_ema(args) -> int:
+    from .training import save_posthoc_ema
+
+    check_output_dir(args.out)
+    if Path(args.out).resolve() == Path(args.run).resolve():
+        raise CondiffError("--out must not be the run folder")
+    outs = [Path(args.out)] if len(args.sigma_rel) == 1 else \
+        [Path(args.out) / f"sigma-{s:.3f}" for s in args.sigma_rel]
+    for s, out in zip(args.sigma_rel, outs):
+        print(f"wrote {save_posthoc_ema(args.run, s, out, args.step)}")
     return 0
 
 
@@ -224,7 +271,7 @@ def cmd_train_classifier(args) -> int:
     from .nets import EncoderNet
     from .pipeline import resolve_device
     from .schedule import make_schedule
-    from .training import ClassifierTask, classifier_accuracy_by_t, train
+    from .training import ClassifierTask, TrainingStopped, classifier_accuracy_by_t, train
 
     device = resolve_device(args.device)
     data = _load_data(args)
@@ -236,9 +283,12 @@ def cmd_train_classifier(args) -> int:
     meta = {"schedule": schedule.config(), "class_names": names, "image_shape": [C, H, W]}
     dist = current_dist()
     task = ClassifierTask(schedule, args.t_max, clean=getattr(args, "clean", False))
-    final = train(compile_model(dist.wrap(model), args.compile), task, data,
-                  _train_config(args), args.out, meta=meta, device=device, resume=not args.no_resume,
-                  progress=not args.no_progress, **dist.train_kwargs())
+    try:
+        final = train(compile_model(dist.wrap(model), args.compile), task, data,
+                      _train_config(args), args.out, meta=meta, device=device, resume=not args.no_resume,
+                      progress=not args.no_progress, **dist.train_kwargs())
+    except TrainingStopped as stop:
+        return _stopped(stop) if dist.main else stop.exit_code
     if not dist.main:
         return 0
     try:
@@ -458,6 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-uncond", type=nonneg_float, default=0.1,
                    help="probability of dropping the class to the null phi (default 0.1)")
     p.add_argument("--sample-every", type=int_range(0), default=0, help="write a sample grid every N steps (0 = never)")
+    p.add_argument("--min-snr-gamma", type=nonneg_float, default=None,
+                   help="weight the eps-loss by min(SNR, G)/SNR, SNR = abar^2/bbar^2 (Hang et al. 2023; "
+                        "5 is usual; default: off)")
+    p.add_argument("--t-sampling", choices=["uniform", "stratified"], default="uniform",
+                   help="t within a batch: i.i.d. uniform (default) or stratified over [0, T)")
+    p.add_argument("--attention", action="store_true",
+                   help="a self-attention block at the lowest resolution (7x7 for 28-pixel images)")
     p.set_defaults(func=cmd_train, distributed=True)
 
     p = sub.add_parser("train-classifier", help="train a noise-aware classifier p(y|x_t) for classifier guidance",
@@ -472,6 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_classifier, distributed=True)
 
     add_train_encoder_parser(sub, _add_train_common, helpers)  # similarity encoders (eq 15)
+
+    p = sub.add_parser("posthoc-ema", help="average a run's weights with any EMA length, after training (EDM2)",
+                       description="Combine the power-function EMA snapshots that `condiff train --ema-profiles` "
+                                   "stored in RUN/posthoc-ema into the EMA of relative width --sigma-rel at --step "
+                                   "(least squares over the profiles, Karras et al. 2024), written as a "
+                                   "checkpoint folder that every command can load.", epilog=EPILOG)
+    p.add_argument("--run", required=True, help="run folder trained with --ema-profiles")
+    p.add_argument("--sigma-rel", type=_float_list, required=True,
+                   help="relative EMA width(s), e.g. 0.08; several give OUT/sigma-0.080 etc.")
+    p.add_argument("--step", type=_pos_int, default=None, help="a step with snapshots (default: the last)")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.set_defaults(func=cmd_posthoc_ema)
 
     p = sub.add_parser("sample", help="sample a grid, unguided or guided (classifier, classifier-free)",
                        description="Sample images from an eps-model checkpoint. Classifier guidance: "

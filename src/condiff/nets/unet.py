@@ -1,7 +1,9 @@
 """The eps-network: a compact UNet with a time embedding and an optional condition.
 
 Sized for sample quality per CPU-minute (DESIGN.md): a pixel-unshuffle stem moves
-28x28x1 to 14x14x4 so every convolution runs at 14x14 or 7x7, with no attention.
+28x28x1 to 14x14x4 so every convolution runs at 14x14 or 7x7. Optional self-attention
+at the lowest resolution (``attention=True``: 7x7 for Fashion-MNIST) sits between the
+two middle residual blocks, as in DDPM's UNet.
 The condition is a class index (with one extra learned *null* index, phi of eq 24)
 or a conditioning vector (with a learned null vector); both enter through the same
 embedding that the time embedding is added to.
@@ -17,6 +19,25 @@ from ..errors import CondiffError
 from .layers import ResBlock, TimeMLP, norm
 
 
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention over the H*W positions, added residually (zero-initialised out)."""
+
+    def __init__(self, channels: int, head_dim: int = 32):
+        super().__init__()
+        self.heads = max(h for h in range(1, max(channels // head_dim, 1) + 1) if channels % h == 0)
+        self.norm = norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
 class UNet(nn.Module):
     """eps(x_t, t, cond) for images (B, C, H, W).
 
@@ -29,13 +50,14 @@ class UNet(nn.Module):
         num_classes: class conditioning with indices 0..num_classes-1 and the null
             index num_classes; None for unconditional models.
         cond_dim: vector conditioning of this width (mutually exclusive with classes).
+        attention: a self-attention block in the middle, at the lowest resolution.
     """
 
     kind = "unet"
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, channels=(64, 128), blocks: int = 2,
                  stem: int = 2, num_classes: int | None = None, cond_dim: int | None = None,
-                 emb_dim: int | None = None, dropout: float = 0.0):
+                 emb_dim: int | None = None, dropout: float = 0.0, attention: bool = False):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         factor = stem * 2 ** (len(channels) - 1)
@@ -46,6 +68,8 @@ class UNet(nn.Module):
         self.config = dict(kind=self.kind, in_channels=in_channels, image_size=image_size, channels=list(channels),
                            blocks=blocks, stem=stem, num_classes=num_classes, cond_dim=cond_dim,
                            emb_dim=emb_dim, dropout=dropout)
+        if attention:  # only when on: the configs of earlier models stay as they were
+            self.config["attention"] = True
         self.in_channels, self.image_size, self.stem = in_channels, image_size, stem
         self.num_classes, self.cond_dim = num_classes, cond_dim
         emb_dim = emb_dim or 4 * channels[0]
@@ -70,6 +94,7 @@ class UNet(nn.Module):
                 self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
                 skips.append(ch)
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), ResBlock(ch, ch, emb_dim, dropout)])
+        self.mid_attn = SelfAttention(ch) if attention else None
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, c in reversed(list(enumerate(channels))):
             level = nn.ModuleList()
@@ -132,8 +157,10 @@ class UNet(nn.Module):
             if i < len(self.downsample):
                 h = self.downsample[i](h)
                 hs.append(h)
-        for block in self.mid:
-            h = block(h, emb)
+        h = self.mid[0](h, emb)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h)
+        h = self.mid[1](h, emb)
         for i, level in enumerate(self.up):
             for block in level:
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
