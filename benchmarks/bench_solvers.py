@@ -151,8 +151,10 @@ class Bench:
             eps = compose(counted, self.schedule, guidance).model
             return _diffusers_dpm(eps, self.schedule, self.shape, steps, cond, options, seed=self.seed,
                                   batch_size=self.batch_size), calls[0]
+        options = dict(options)
+        threshold = options.pop("threshold", None)  # a Sampling field, not a solver option
         x = guided_generate(counted, self.schedule, len(labels), guidance,
-                            Sampling(solver, steps, spacing, 1.0, options=dict(options)), shape=self.shape,
+                            Sampling(solver, steps, spacing, 1.0, threshold, options=options), shape=self.shape,
                             cond=cond, seed=self.seed, batch_size=self.batch_size)
         return x, calls[0]
 
@@ -318,7 +320,7 @@ def _goals(b: Bench, args) -> list[str]:
     """The issue's goals, checked against the cached results."""
     def best_at(target, n):
         rows = [r for r in _rows(b, method="cfg", scale=2.0, impl="condiff", spacing="linspace", n=n)
-                if _target(r["nfe"]) == target and r["solver"] != "ddim"]
+                if _target(r["nfe"]) == target and r["solver"] != "ddim" and not r["options"]]
         return min(rows, key=lambda r: r["fid_fm"], default=None)
 
     n_head = 1000 if _rows(b, method="cfg", scale=2.0, solver="ddim", steps=50, n=1000) else args.n
@@ -353,10 +355,48 @@ def _goals(b: Bench, args) -> list[str]:
                    f"{'met' if worst[0] <= 0.02 else 'NOT met'}.")
         if "diffusers" in data:
             d = data["diffusers"]
+            verdict = "met" if d["ratio"] <= 1.0 else \
+                "NOT met strictly; equal within the noise of this busy machine" if d["ratio"] <= 1.05 else "NOT met"
             out.append(f"- Time against diffusers' DPMSolverMultistepScheduler at {d['nfe']} NFE, CFG w = 2, batch "
                        f"{d['batch']}: condiff dpm++2m / diffusers = {d['ratio']:.3f} (median of {d['repeats']} "
-                       f"alternating runs; goal <= 1.0: {'met' if d['ratio'] <= 1.0 else 'NOT met'}).")
+                       f"alternating runs, range {min(d['ratios']):.2f}-{max(d['ratios']):.2f}; goal <= 1.0: "
+                       f"{verdict}).")
     return out
+
+
+SUMMARY = """## What to use
+
+* **CFG or unguided: UniPC, 15 steps** (`--sampler auto`, the default, picks it). At 15 network calls
+  it beats DDIM-50 (FID_fm 9.24 against 10.23 at 1000 samples, judge accuracy 0.980 against 0.984), at
+  under a third of the calls; at 10 calls it is within 3% of DDIM-50 at 500 samples and 11.5% at 1000.
+  DPM-Solver++(2M) is second (12.31 at 15 calls); Heun loses a first-order step at each end on this
+  schedule and needs about 25 calls.
+* **Classifier, text, image or style guidance: DPM-Solver++(2M) SDE, 15 steps** (what `auto` picks
+  when a gradient term is present). Fresh noise each step corrects the guidance's errors: classifier
+  gamma 16 reaches judge accuracy 0.978 at 15 calls against 0.888 for DDIM-25 and 0.928 for UniPC-25,
+  and text guidance 0.956-0.972 against DDIM's 0.918. Deterministic solvers follow a guided ODE whose
+  errors they never undo (docs/similarity.md measured the same with DDIM eta 1 against eta 0).
+* **Step spacing:** keep `linspace` (T-1 down to 0, both ends). On the cosine schedule, whose clipped
+  last beta leaves abar_{T-1} = 5e-5, uniform-lambda and Karras spacings spend their first steps at
+  t = 999, 998, 997 (lambda and sigma change fastest there) and lose (FID_fm 12.9 and 26.4 against
+  12.0 for UniPC-10); `leading` never visits t = 999 and starts from the wrong marginal (29.5).
+* **Large guidance stays stable** on every solver: CFG w = 6 and classifier gamma = 32 give finite
+  images at 10-20 calls, with judge accuracy at least DDIM's (below). x0 is clipped to [-1, 1] by
+  default on every solver; diffusers' DPMSolverMultistepScheduler on the same model saturates
+  (99.9% of pixels at +-1, FID_fm 377) unless its dynamic thresholding is switched on. With its default
+  `sample_max_value` of 1 that thresholding is exactly condiff's clipping, and condiff's dpm++2m on
+  diffusers' timesteps (`--spacing trailing`) then gives the same samples' quality (FID_fm 15.55 both,
+  judge accuracy 0.966 and 0.968 at 10 calls). condiff's `--threshold P` is Imagen's unbounded form
+  (divide by the quantile when it exceeds 1): on this model it washes the images grey (FID_fm 152 at
+  10 calls), so keep the default clipping.
+* **Cost:** a solver adds nothing measurable to the network's time (overhead below); the cost of an
+  image is its NFE times the guidance's factor (CFG: one batched forward of 2B per call; gradient
+  terms: a backward pass through the guiding network).
+
+Euler (on the probability-flow ODE in sigma = bbar/abar) is DDIM (eta 0) and Euler-ancestral is DDIM
+with eta, algebraically and to 1e-9 in tests/test_solvers.py; they are kept under their k-diffusion
+names and are not measured twice.
+""".splitlines()
 
 
 def write_report(b: Bench, args) -> None:
@@ -369,8 +409,9 @@ def write_report(b: Bench, args) -> None:
              "the same x_T for every solver. Seconds per image were taken on a busy 2-core CPU (one thread, "
              "other jobs running): compare them within a row, and use the side-by-side timings below for "
              "ratios.", ""]
-    lines += _goals(b, args)
-    cfg = [r for r in _rows(b, method="cfg", scale=2.0, impl="condiff", spacing="linspace", n=args.n)]
+    lines += SUMMARY + [""] + _goals(b, args)
+    cfg = [r for r in _rows(b, method="cfg", scale=2.0, impl="condiff", spacing="linspace", n=args.n)
+           if not r["options"]]
     solvers = sorted({r["solver"] for r in cfg})
     cols = sorted({_target(r["nfe"]) for r in cfg})
     lines += ["", f"## CFG w = 2: FID_fm / judge accuracy at each NFE ({args.n} samples per point)", "",
@@ -382,7 +423,7 @@ def write_report(b: Bench, args) -> None:
     panels = [Panel("CFG w=2: FID_fm against NFE", "network calls per image (NFE)", "FID_fm", yrange=(0, 80)),
               Panel("CFG w=2: judge accuracy against NFE", "network calls per image (NFE)", "judge accuracy")]
     for s in solvers:
-        pts = sorted((r["nfe"], r) for r in cfg if r["solver"] == s)
+        pts = sorted(((r["nfe"], r) for r in cfg if r["solver"] == s), key=lambda p: p[0])
         panels[0].series.append(Series([k for k, _ in pts], [min(r["fid_fm"], 80) for _, r in pts], s))
         panels[1].series.append(Series([k for k, _ in pts], [r["judge_accuracy"] for _, r in pts], s))
     if cfg:
@@ -394,10 +435,14 @@ def write_report(b: Bench, args) -> None:
                 ("Text guidance, gamma = 100 (\"a photo of <class>\")", dict(method="text", scale=100.0)),
                 ("Large guidance: CFG w = 6", dict(method="cfg", scale=6.0)),
                 ("Large guidance: classifier gamma = 32", dict(method="classifier", scale=32.0)),
-                ("diffusers' DPMSolverMultistepScheduler against condiff's dpm++2m, CFG w = 2",
-                 dict(method="cfg", scale=2.0, solver="dpm++2m", n=args.n))]
+                ("diffusers' DPMSolverMultistepScheduler (its own default timesteps; `thresholding` is its "
+                 "dynamic thresholding) against condiff's dpm++2m and the default unipc, CFG w = 2",
+                 dict(method="cfg", scale=2.0, n=args.n))]
     for title, match in sections:
         rows = _rows(b, **match)
+        if title.startswith("diffusers"):
+            rows = [r for r in rows if r["nfe"] in (10, 25) and (r["solver"] == "dpm++2m" or
+                                                                 (r["solver"] == "unipc" and r["spacing"] == "linspace"))]
         if rows:
             lines += ["", f"## {title}", ""] + _table(rows, cols=("impl", "solver", "spacing", "options", "nfe", "n",
                                                                   "fid_fm", "judge_accuracy", "diversity_ratio",
