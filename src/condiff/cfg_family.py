@@ -72,6 +72,8 @@ class ProjectedGuidance(ClassifierFree):
     shared between wrappers (:func:`condiff.compose.compose` builds a new one per call).
     """
 
+    what = "adaptive projected guidance"
+
     def __init__(self, model, schedule: Schedule, w: float, apg: APG = APG(), interval=None):
         super().__init__(model, w, interval=interval)
         self.schedule, self.apg = schedule, apg
@@ -98,22 +100,6 @@ class ProjectedGuidance(ClassifierFree):
         par = _flat_dot(d, x0_c) / _flat_dot(x0_c, x0_c).clamp_min(1e-12) * x0_c
         x0 = x0_c + self.w * ((d - par) + self.apg.eta * par)
         return (x - a * x0) / b
-
-    def __call__(self, x, t, cond=None):
-        cond = network_cond(cond)
-        if cond is None:
-            raise CondiffError("adaptive projected guidance needs a condition")
-        B = x.shape[0]
-        active = torch.ones(B, dtype=torch.bool, device=x.device)
-        if self.interval is not None:
-            active = (t >= self.interval[0]) & (t <= self.interval[1])
-        if self.w == 0 or not bool(active.any()):
-            return self.model(x, t, cond)
-        both = self.model(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, self.model.null_cond(B, x.device)))
-        e_c, e_u = both[:B], both[B:]
-        guided = self._mix(x, t, e_c, e_u)
-        mask = active.view((-1,) + (1,) * (x.dim() - 1))
-        return torch.where(mask, guided, e_c)
 
 
 class CFGPlusPlus:

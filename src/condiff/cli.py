@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 
 from .errors import CondiffError
 from .validation import (MAX_LEVELS, MAX_WIDTH, check_output_dir, describe_unexpected, finite_float, float_range,
-                         int_range, key_value, nonneg_float, one_line, seed)
+                         int_range, key_value, nonneg_float, one_line, seed, timestep_interval)
 
 EPILOG = "Article: Su Jianlin, 'Generative diffusion models (9): conditional control of generation'."
 
@@ -32,17 +32,6 @@ def _int_list(text: str) -> list[int]:
 
 
 _pos_int = int_range(1)  # an integer in [1, MAX_INT]
-
-
-def _interval(text: str) -> tuple[int, int]:
-    parts = str(text).split(",")
-    try:
-        lo, hi = (int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI timesteps, got {text!r}") from None
-    if lo < 0 or hi < lo:
-        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
-    return lo, hi
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -582,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=finite_float, default=None,
                    help=f"the same in diffusers' convention: guidance_scale s = 1 + w (s >= 1; default "
                         f"{1 + DEFAULT_SCALES['cfg']:g})")
-    p.add_argument("--cfg-interval", type=_interval, default=None,
+    p.add_argument("--cfg-interval", type=timestep_interval, default=None,
                    help="apply CFG only for timesteps LO<=t<=HI, inside [0, T) (Kynkaanniemi et al. 2024), e.g. 100,800")
     p.add_argument("--cfg-rescale", type=nonneg_float, default=None,
                    help="guidance rescale factor phi in [0,1] (Lin et al. 2023; default 0 = off)")

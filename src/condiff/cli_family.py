@@ -11,20 +11,9 @@ from __future__ import annotations
 import argparse
 
 from .errors import CondiffError
-from .validation import float_range, int_range, nonneg_float
+from .validation import float_range, int_range, nonneg_float, timestep_interval
 
-__all__ = ["add_family_sample_args", "check_family_args", "family_guidance", "parse_interval"]
-
-
-def parse_interval(text: str) -> tuple[int, int]:
-    """LO,HI timesteps (argparse type)."""
-    try:
-        lo, hi = (int(v) for v in str(text).split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI timesteps, got {text!r}") from None
-    if lo < 0 or hi < lo:
-        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
-    return lo, hi
+__all__ = ["add_family_sample_args", "check_family_args", "family_guidance"]
 
 
 def add_family_sample_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +40,7 @@ def add_family_sample_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recurrence", type=int_range(1, 100), default=None, metavar="K",
                    help="Universal Guidance's self-recurrence: re-noise and repeat every step K-1 times (K network "
                         "calls per step; default 1 = off)")
-    g.add_argument("--guidance-interval", type=parse_interval, default=None, metavar="LO,HI",
+    g.add_argument("--guidance-interval", type=timestep_interval, default=None, metavar="LO,HI",
                    help="apply the gradient terms (--classifier, --x0-guidance, --text, --image, --style) only for "
                         "timesteps LO<=t<=HI (--cfg-interval does the same for CFG)")
     g.add_argument("--apg", action="store_true",

@@ -363,17 +363,23 @@ class ClassifierFree:
         self.rescale = check_scale("guidance rescale", rescale)
         if self.rescale > 1:
             raise CondiffError(f"guidance rescale must lie in [0, 1], got {rescale}")
-        if interval is not None:
-            lo, hi = int(interval[0]), int(interval[1])
-            if lo > hi:
-                raise CondiffError(f"guidance interval must have lo <= hi, got {interval}")
-            interval = (lo, hi)
-        self.interval = interval
+        self.interval = check_interval(interval)
+
+    what = "classifier-free guidance"
+
+    def _mix(self, x, t, e_c, e_u):
+        """The guided eps from the conditional and null predictions (eq 24, then the rescale)."""
+        guided = (1 + self.w) * e_c - self.w * e_u
+        if self.rescale > 0:
+            dims = tuple(range(1, x.dim()))
+            ratio = e_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+            guided = self.rescale * guided * ratio + (1 - self.rescale) * guided
+        return guided
 
     def __call__(self, x, t, cond=None):
         cond = network_cond(cond)
         if cond is None:
-            raise CondiffError("classifier-free guidance needs a condition")
+            raise CondiffError(f"{self.what} needs a condition")
         B = x.shape[0]
         active = torch.ones(B, dtype=torch.bool, device=x.device)
         if self.interval is not None:
@@ -383,11 +389,7 @@ class ClassifierFree:
         null = self.model.null_cond(B, x.device)
         both = self.model(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, null))
         e_c, e_u = both[:B], both[B:]
-        guided = (1 + self.w) * e_c - self.w * e_u
-        if self.rescale > 0:
-            dims = tuple(range(1, x.dim()))
-            ratio = e_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
-            guided = self.rescale * guided * ratio + (1 - self.rescale) * guided
+        guided = self._mix(x, t, e_c, e_u)
         if self.interval is not None:
             mask = active.view((-1,) + (1,) * (x.dim() - 1))
             guided = torch.where(mask, guided, e_c)

@@ -70,6 +70,17 @@ def float_range(lo: float = -math.inf, hi: float = math.inf, what: str = "a fini
     return parse
 
 
+def timestep_interval(text: str) -> tuple[int, int]:
+    """LO,HI timesteps with 0 <= LO <= HI (argparse type of --cfg-interval and --guidance-interval)."""
+    try:
+        lo, hi = (int(v) for v in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI timesteps, got {text!r}") from None
+    if lo < 0 or hi < lo:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def key_value(*, last: bool = False):
     """An argparse type: ``KEY=VALUE`` -> (key, value), split at the first "=" (or the last, with ``last``)."""
     def parse(text: str) -> tuple[str, str]:
