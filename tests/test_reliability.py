@@ -33,7 +33,7 @@ from condiff.errors import CondiffError
 from helpers import assert_one_line_error, run_cli_inprocess, shapes_dataset, write_npz
 
 N_KILLS = 15
-STEPS = 60
+STEPS = 150  # enough that 15 kills land before the end even on an idle machine (each life may run ~0.3 s)
 TINY = ["--channels", "4,8", "--blocks", "1", "--T", "50", "--image-size", "8", "--no-progress", "--device", "cpu"]
 
 
