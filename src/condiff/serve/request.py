@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..compose import DEFAULT_SAMPLER, DEFAULT_SCALES, DEFAULT_STEPS
 from ..errors import CondiffError
 
 __all__ = ["METHODS", "LIMITS", "MAX_UPLOAD_BYTES", "MAX_IMAGES", "MAX_STEPS", "MAX_PROMPT", "STRIP_FACTORS",
@@ -141,13 +142,13 @@ class Request:
     prompt: str = ""
     reference: str | None = None   # path of the uploaded reference image
     style: str | None = None       # path of the uploaded style image
-    cfg_w: float = 2.0
-    classifier_scale: float = 4.0
-    text_scale: float = 100.0
-    image_scale: float = 100.0
-    style_scale: float = 10.0
-    sampler: str = "ddim"
-    steps: int = 25
+    cfg_w: float = DEFAULT_SCALES["cfg"]          # the library's defaults (condiff.compose), as in condiff sample
+    classifier_scale: float = DEFAULT_SCALES["classifier"]
+    text_scale: float = DEFAULT_SCALES["text"]
+    image_scale: float = DEFAULT_SCALES["image"]
+    style_scale: float = DEFAULT_SCALES["style"]
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
     eta: float = 0.0
     seed: int = 0
     n: int = 8
@@ -246,10 +247,12 @@ def _class_index(req: Request, models: Models) -> int:
 
 
 def solvers() -> list:
-    """The samplers the page offers: every solver of :data:`condiff.samplers.SAMPLERS`."""
+    """The samplers the page offers: "auto" (the library's default) and every solver of
+    :data:`condiff.samplers.SAMPLERS`."""
+    from ..compose import AUTO
     from ..samplers import SAMPLERS
 
-    return list(SAMPLERS)
+    return [AUTO, *SAMPLERS]
 
 
 def _sampling(req: Request):
