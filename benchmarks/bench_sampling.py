@@ -219,7 +219,7 @@ def bench_diffusers(model, x_T, schedule, steps, cond):
     import diffusers
 
     T = schedule.T
-    sched = DDIMScheduler(num_train_timesteps=T, trained_betas=(1 - schedule.alpha**2).float().numpy(),
+    sched = DDIMScheduler(num_train_timesteps=T, trained_betas=schedule.betas().float().numpy(),
                           clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
                           prediction_type="epsilon")
     sched.set_timesteps(steps)

@@ -164,7 +164,7 @@ def _diffusers_dpm(model, schedule, shape, steps: int, cond: dict, options: dict
     """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2) on the same model and x_T."""
     from diffusers import DPMSolverMultistepScheduler
 
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=schedule.T, trained_betas=_betas(schedule), algorithm_type="dpmsolver++",
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=schedule.T, trained_betas=schedule.betas().tolist(), algorithm_type="dpmsolver++",
                                         solver_order=2, **options)
     out = []
     from condiff.guidance import batch_cond, slice_cond
@@ -184,12 +184,6 @@ def _diffusers_dpm(model, schedule, shape, steps: int, cond: dict, options: dict
                 x = sched.step(model(x, tt, y), t, x).prev_sample
         out.append(x)
     return torch.cat(out)
-
-
-def _betas(schedule) -> list[float]:
-    ac = schedule.alphas_cumprod()
-    prev = torch.cat([ac.new_ones(1), ac[:-1]])
-    return (1 - ac / prev).tolist()
 
 
 def _load(npz: Path):

@@ -180,11 +180,9 @@ def test_similarity_guidance_works_on_the_diffusers_model(ddpm):
 # --- issue 15: condiff's solvers and step schedules against diffusers' schedulers --------------------------------
 
 def diffusers_scheduler(cls, schedule, **config):
-    """A diffusers scheduler on condiff's schedule, converted once through Schedule.alphas_cumprod()."""
-    ac = schedule.alphas_cumprod()
-    betas = 1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])  # diffusers' betas = 1 - ac_t / ac_{t-1}
-    sched = cls(num_train_timesteps=schedule.T, trained_betas=betas.numpy(), **config)
-    assert torch.allclose(sched.alphas_cumprod.double(), ac, rtol=1e-5)  # the same schedule (float32 there)
+    """A diffusers scheduler on condiff's schedule, converted through Schedule.betas() / alphas_cumprod()."""
+    sched = cls(num_train_timesteps=schedule.T, trained_betas=schedule.betas().numpy(), **config)
+    assert torch.allclose(sched.alphas_cumprod.double(), schedule.alphas_cumprod(), rtol=1e-5)  # the same schedule (float32 there)
     return sched
 
 

@@ -41,6 +41,7 @@ def test_alphas_cumprod_round_trip(s):
     # diffusers' betas are the article's beta_t^2: 1 - ac_t / ac_{t-1}
     betas = 1 - ac / torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
     assert torch.allclose(s.beta**2, betas, rtol=1e-9, atol=1e-15)
+    assert torch.allclose(s.betas(), betas, rtol=1e-9, atol=1e-15)  # the conversion diffusers schedulers take
     assert torch.allclose(Schedule.from_betas(betas).abar, s.abar, rtol=1e-12, atol=0)
 
 

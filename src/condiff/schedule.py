@@ -6,8 +6,8 @@ The forward process (article, and DESIGN.md) is
 
 one step at a time x_t = alpha_t x_{t-1} + beta_t eps_t with alpha_t^2 + beta_t^2 = 1.
 Against the DDPM paper and diffusers: ``abar_t = sqrt(alphas_cumprod[t])``,
-``bbar_t = sqrt(1 - alphas_cumprod[t])`` and ``beta_t^2 = betas[t]``.  The two
-functions :meth:`Schedule.from_alphas_cumprod` and :meth:`Schedule.alphas_cumprod`
+``bbar_t = sqrt(1 - alphas_cumprod[t])`` and ``beta_t^2 = betas[t]``.  The three
+functions :meth:`Schedule.from_alphas_cumprod`, :meth:`Schedule.alphas_cumprod` and :meth:`Schedule.betas`
 are the only place in condiff where that conversion happens.
 """
 
@@ -81,6 +81,10 @@ class Schedule:
     def alphas_cumprod(self) -> torch.Tensor:
         """diffusers' ``alphas_cumprod`` = abar_t^2."""
         return self.abar**2
+
+    def betas(self) -> torch.Tensor:
+        """diffusers' ``betas`` (its ``trained_betas``) = beta_t^2 = 1 - alpha_t^2 = 1 - ac_t / ac_{t-1}."""
+        return 1.0 - self.alpha**2
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod, name: str = "custom") -> "Schedule":
