@@ -82,9 +82,12 @@ def check_family_args(args, cfg_w) -> None:
                            "--cfg-w (or --cfg-scale)")
     if args.cfg_pp is not None and cfg_w is not None:
         raise CondiffError("--cfg-pp replaces --cfg-w: give one of them")
-    if args.cfg_pp is not None and args.sampler not in ("ddim", "auto"):  # auto is ddim under CFG++
-        raise CondiffError(f"--cfg-pp needs --sampler ddim (its step re-noises with the unconditional eps), "
-                           f"not {args.sampler}")
+    from .cfg_family import CFGPP_SAMPLERS
+    from .compose import AUTO
+
+    if args.cfg_pp is not None and args.sampler not in (*CFGPP_SAMPLERS, AUTO):  # auto is ddim under CFG++
+        raise CondiffError(f"--cfg-pp needs --sampler {' or '.join(CFGPP_SAMPLERS)} (its step re-noises with the "
+                           f"unconditional eps), not {args.sampler}")
 
 
 def family_guidance(args, model, schedule, shape, device) -> tuple[list, dict]:
