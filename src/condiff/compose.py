@@ -266,12 +266,7 @@ class Guidance:
                 raise CondiffError("guidance rescale applies to classifier-free guidance: give a CFG weight w")
         if check_scale("guidance rescale", self.cfg_rescale) > 1:
             raise CondiffError(f"guidance rescale must lie in [0, 1], got {self.cfg_rescale}")
-        if self.cfg_interval is not None:
-            lo, hi = (int(v) for v in self.cfg_interval)
-            T = schedule.T if schedule is not None else None
-            if not 0 <= lo <= hi or (T is not None and hi >= T):
-                bound = f"0 <= lo <= hi <= {T - 1}" if T is not None else "0 <= lo <= hi"
-                raise CondiffError(f"the CFG interval must satisfy {bound}, got {lo},{hi}")
+        check_interval(self.cfg_interval, "CFG interval", schedule.T if schedule is not None else None)
         needs_null = (self.cfg_w is not None and self.weak_model is None) or self.unconditional or \
             self.cfg_pp is not None
         if model is not None and needs_null and not hasattr(model, "null_cond"):
