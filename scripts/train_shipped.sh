@@ -3,7 +3,7 @@
 # then exports it with a model card.
 #
 #   bash scripts/train_shipped.sh                 # every stage, two lanes in parallel, then export
-#   bash scripts/train_shipped.sh cfg             # one stage: cfg | cfg-v2 | clf | judge | enc-image | enc-text | export
+#   bash scripts/train_shipped.sh cfg             # one stage: cfg | cfg-v1 | clf | clean | judge | enc-image | enc-text | export
 #   RUNS=/tmp/runs DEVICE=cuda bash scripts/train_shipped.sh
 #
 # Lane A trains the eps-model (the slow one); lane B trains the classifier, the judge and the two
@@ -11,21 +11,14 @@
 # one-thread lanes beat one two-thread lane). Every stage checkpoints every few minutes and resumes
 # from RUNS/<stage> when rerun, so a cut-off recipe just runs again. Logs: RUNS/<stage>.log.
 #
-# Measured on the 2-core AVX2 CPU (one thread per lane, both lanes busy; wall times from each run's
-# metrics.jsonl and log):
-#   lane A  cfg        1500 steps    89 min (3.55 s/step; 36 img/s; 90.4 min measured with a test suite alongside)
-#   lane B  clf        3000 steps    27 min
-#           judge      1200 steps    16 min
-#           enc-image  4000 + 2000   29 min (E2 clean stage 17 min, E1 noisy stage 12 min)
-#           enc-text   1500 steps     8 min
-# Lane A bounds the recipe; lane B takes about 80 minutes. The previous release trained the eps-model
-# for 2000 steps (about 2 hours); 1500 steps fit the 90-minute budget with the guidance targets still
-# met (docs/results.md). CFG_STEPS=2000 reproduces the older, slightly stronger model.
+# Recipe v2 (docs/training.md): the eps-model trains with min-SNR-5 loss weighting, stratified t,
+# cosine lr decay to the last step and post-hoc EMA profiles (whose early snapshots give the weak
+# model of autoguidance); the classifiers and encoders with cosine lr decay. The judge is not
+# retrained: it measures every release and guides none. Stage cfg-v1 is the previous release's
+# eps-model recipe, kept for the comparison in docs/training.md.
 #
-# Stage cfg-v2 (not part of the default recipe yet, issue 17): the same network and budget of steps
-# with training recipe v2 (min-SNR-5 loss weighting, stratified t, cosine lr decay to the last step,
-# post-hoc EMA profiles 0.05 and 0.10); choose the EMA width afterwards with
-# benchmarks/train_eval.py and write it with `condiff posthoc-ema` (docs/training.md).
+# Measured wall times on the 2-core AVX2 CPU (one thread per lane, both lanes busy) are in each
+# model card and in docs/training.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs}
@@ -37,12 +30,14 @@ RESULTS=${RESULTS:-runs/results}  # benchmarks/results.sh output: its sweep resu
 DEST=${DEST:-src/condiff/models}
 
 # The exact commands, also recorded in each model card ("condiff" stands for $CONDIFF).
-CMD_CFG="train --out $RUNS/cfg --steps ${CFG_STEPS:-1500} --batch-size 128 --channels 64,96 --blocks 1 --lr 1e-3 --warmup 100 --ema-decay 0.999 --p-uncond 0.1 --ckpt-every 100 --seed 0"
-CMD_CFG_V2="train --out $RUNS/cfg-v2 --steps ${CFG_STEPS:-1500} --batch-size 128 --channels 64,96 --blocks 1 --lr 1e-3 --warmup 100 --ema-decay 0.999 --p-uncond 0.1 --ckpt-every 100 --seed 0 --min-snr-gamma 5 --t-sampling stratified --lr-schedule cosine --ema-profiles 0.05,0.1"
-CMD_CLF="train-classifier --out $RUNS/clf --steps 3000 --channels 48,96 --ckpt-every 250 --seed 0"
+CMD_CFG="train --out $RUNS/cfg --steps ${CFG_STEPS:-1800} --batch-size 128 --channels 64,96 --blocks 1 --lr 1e-3 --warmup 100 --ema-decay 0.999 --p-uncond 0.1 --ckpt-every 100 --seed 0 --min-snr-gamma 5 --t-sampling stratified --lr-schedule cosine --ema-profiles 0.05,0.1"
+CMD_CFG_V1="train --out $RUNS/cfg-v1 --steps 1500 --batch-size 128 --channels 64,96 --blocks 1 --lr 1e-3 --warmup 100 --ema-decay 0.999 --p-uncond 0.1 --ckpt-every 100 --seed 0"
+CMD_CLF="train-classifier --out $RUNS/clf --steps 3000 --channels 48,96 --ckpt-every 250 --seed 0 --lr-schedule cosine"
+CMD_CLEAN="train-classifier --clean --out $RUNS/clean-clf --steps 1000 --channels 48,96 --ckpt-every 250 --seed 0 --lr-schedule cosine"
 CMD_JUDGE="train-judge --out $RUNS/judge --steps 1200 --seed 0"
-CMD_ENC_IMAGE="train-encoder --kind image --out $RUNS/enc-image --clean-steps 4000 --steps 2000 --ema-decay 0.995 --ckpt-every 100 --seed 1"
-CMD_ENC_TEXT="train-encoder --kind text --init $RUNS/enc-image --out $RUNS/enc-text --steps 1500 --ema-decay 0.995 --ckpt-every 100 --seed 0"
+CMD_ENC_IMAGE="train-encoder --kind image --out $RUNS/enc-image --clean-steps 4000 --steps 2000 --ema-decay 0.995 --ckpt-every 100 --seed 1 --lr-schedule cosine"
+CMD_ENC_TEXT="train-encoder --kind text --init $RUNS/enc-image --out $RUNS/enc-text --steps 1500 --ema-decay 0.995 --ckpt-every 100 --seed 0 --lr-schedule cosine"
+WEAK_STEP=${WEAK_STEP:-300}  # autoguidance's weak model: the eps-model run's post-hoc EMA snapshot at this step
 
 stage() {  # stage NAME COMMAND...: run one training command, log its output and wall time
   local name=$1; shift
@@ -79,22 +74,32 @@ export_one() {  # export_one STAGE FOLDER COMMAND
   "$CONDIFF" export --ckpt "$RUNS/$1" --out "$DEST/$2" --command "condiff $3" "${m[@]}"
 }
 
+export_weak() {  # autoguidance's weak model: an early post-hoc EMA snapshot of the eps-model's own run
+  local snap
+  snap=$(printf '%s/cfg/posthoc-ema/step-%07d/sigma-0.050' "$RUNS" "$WEAK_STEP")
+  "$CONDIFF" export --ckpt "$snap" --out "$DEST/fashion-cfg-weak" \
+    --command "condiff $CMD_CFG (post-hoc EMA sigma_rel 0.05 at step $WEAK_STEP)" \
+    --metric "role=the weak model of autoguidance (--autoguide) for fashion-cfg: the same run at step $WEAK_STEP"
+}
+
 run_stage() {
   case $1 in
     cfg) stage cfg $CMD_CFG ;;
-    cfg-v2) stage cfg-v2 $CMD_CFG_V2 ;;
+    cfg-v1) stage cfg-v1 $CMD_CFG_V1 ;;
     clf) stage clf $CMD_CLF ;;
+    clean) stage clean-clf $CMD_CLEAN ;;
     judge) stage judge $CMD_JUDGE ;;
     enc-image) stage enc-image $CMD_ENC_IMAGE ;;
     enc-text) stage enc-text $CMD_ENC_TEXT ;;
     export)
       export_one cfg fashion-cfg "$CMD_CFG"
       export_one clf fashion-classifier "$CMD_CLF"
-      export_one judge fashion-judge "$CMD_JUDGE"
+      export_one clean-clf fashion-clean-classifier "$CMD_CLEAN"
+      export_weak
       export_one enc-image fashion-image-encoder "$CMD_ENC_IMAGE"
       export_one enc-text fashion-text-encoder "$CMD_ENC_TEXT"
       du -sh "$DEST" ;;
-    *) echo "train_shipped.sh: unknown stage '$1' (cfg, cfg-v2, clf, judge, enc-image, enc-text, export)" >&2; exit 2 ;;
+    *) echo "train_shipped.sh: unknown stage '$1' (cfg, cfg-v1, clf, clean, judge, enc-image, enc-text, export)" >&2; exit 2 ;;
   esac
 }
 
@@ -106,7 +111,7 @@ fi
 start=$SECONDS
 ( run_stage cfg ) &
 lane_a=$!
-( run_stage clf && run_stage judge && run_stage enc-image && run_stage enc-text ) &
+( run_stage clf && run_stage clean && run_stage enc-image && run_stage enc-text ) &
 lane_b=$!
 wait "$lane_a"
 wait "$lane_b"
