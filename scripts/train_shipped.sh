@@ -30,7 +30,7 @@ RESULTS=${RESULTS:-runs/results}  # benchmarks/results.sh output: its sweep resu
 DEST=${DEST:-src/condiff/models}
 
 # The exact commands, also recorded in each model card ("condiff" stands for $CONDIFF).
-CMD_CFG="train --out $RUNS/cfg --steps ${CFG_STEPS:-1800} --batch-size 128 --channels 64,96 --blocks 1 --lr 1e-3 --warmup 100 --ema-decay 0.999 --p-uncond 0.1 --ckpt-every 100 --seed 0 --min-snr-gamma 5 --t-sampling stratified --lr-schedule cosine --ema-profiles 0.05,0.1"
+CMD_CFG="train --out $RUNS/cfg --steps ${CFG_STEPS:-3600} --batch-size 128 --channels 64,96 --blocks 1 --lr 1e-3 --warmup 100 --ema-decay 0.999 --p-uncond 0.1 --ckpt-every 100 --seed 0 --min-snr-gamma 5 --t-sampling stratified --lr-schedule cosine --ema-profiles 0.05,0.1"
 CMD_CFG_V1="train --out $RUNS/cfg-v1 --steps 1500 --batch-size 128 --channels 64,96 --blocks 1 --lr 1e-3 --warmup 100 --ema-decay 0.999 --p-uncond 0.1 --ckpt-every 100 --seed 0"
 CMD_CLF="train-classifier --out $RUNS/clf --steps 3000 --channels 48,96 --ckpt-every 250 --seed 0 --lr-schedule cosine"
 CMD_CLEAN="train-classifier --clean --out $RUNS/clean-clf --steps 1000 --channels 48,96 --ckpt-every 250 --seed 0 --lr-schedule cosine"

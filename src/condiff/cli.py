@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from .cli_family import SHIPPED_ARG  # a model flag without a value (--classifier): the shipped model
 from .errors import CondiffError
 from .validation import (MAX_LEVELS, MAX_WIDTH, check_output_dir, describe_unexpected, finite_float, float_range,
                          int_range, key_value, nonneg_float, one_line, seed, timestep_interval)
@@ -295,7 +296,6 @@ def cmd_train_classifier(args) -> int:
 
 
 # ----------------------------------------------------------------------------- sample
-SHIPPED_ARG = "@shipped"  # --classifier given without a value
 
 
 def _sampling(args):

@@ -13,7 +13,9 @@ import argparse
 from .errors import CondiffError
 from .validation import float_range, int_range, nonneg_float, timestep_interval
 
-__all__ = ["add_family_sample_args", "check_family_args", "family_guidance"]
+__all__ = ["SHIPPED_ARG", "add_family_sample_args", "check_family_args", "family_guidance"]
+
+SHIPPED_ARG = "@shipped"  # a model flag given without a value: the shipped model of its role (condiff.zoo)
 
 
 def add_family_sample_args(p: argparse.ArgumentParser) -> None:
@@ -22,9 +24,10 @@ def add_family_sample_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("guidance beyond the article (x0-guidance, APG, CFG++, autoguidance; all off by "
                              "default)")
-    g.add_argument("--x0-guidance", default=None, metavar="CKPT",
+    g.add_argument("--x0-guidance", nargs="?", const=SHIPPED_ARG, default=None, metavar="CKPT",
                    help="guide with a clean classifier (condiff train-classifier --clean) on the denoised estimate "
-                        "x0_hat = (x_t - bbar_t eps)/abar_t (DPS / Universal Guidance); needs --class")
+                        "x0_hat = (x_t - bbar_t eps)/abar_t (DPS / Universal Guidance); the flag alone means the "
+                        "shipped clean classifier; needs --class")
     g.add_argument("--x0-scale", type=nonneg_float, default=None, help="its scale gamma (default 1)")
     g.add_argument("--x0-path", choices=list(PATHS), default=None,
                    help="gradient through the eps-network (model, DPS; default) or with eps held fixed (fixed: "
@@ -54,9 +57,10 @@ def add_family_sample_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cfg-pp", type=nonneg_float, default=None, metavar="LAMBDA",
                    help="CFG++ (Chung et al. 2024) instead of --cfg-w: x0 from eps_u + LAMBDA (eps_c - eps_u), "
                         "re-noised with the unconditional eps_u; LAMBDA in [0, 1]; --sampler ddim only; needs --class")
-    g.add_argument("--autoguide", default=None, metavar="CKPT",
+    g.add_argument("--autoguide", nargs="?", const=SHIPPED_ARG, default=None, metavar="CKPT",
                    help="autoguidance (Karras et al. 2024): guide with --cfg-w against this weaker eps-model (an "
-                        "early checkpoint or a smaller model of the same recipe) instead of the null condition")
+                        "early checkpoint or a smaller model of the same recipe) instead of the null condition; the "
+                        "flag alone means the shipped weak model (with the shipped eps-model only)")
 
 
 _X0_OPTIONS = ("x0_scale", "x0_path", "x0_smoothing", "x0_samples", "x0_weight")
@@ -96,7 +100,16 @@ def family_guidance(args, model, schedule, shape, device) -> tuple[list, dict]:
     from .pipeline import load_classifier, load_diffusion
     from .x0guidance import X0Term, at_t0, clean_classifier
 
+    from .zoo import shipped
+
     terms, fields = [], {}
+    if args.x0_guidance == SHIPPED_ARG:
+        args.x0_guidance = str(shipped("clean-classifier"))
+    if args.autoguide == SHIPPED_ARG:
+        if not getattr(args, "use_shipped", False):
+            raise CondiffError("--autoguide alone means the shipped weak model, which guides only the shipped "
+                               "eps-model: give --autoguide CKPT, a weaker model of your own")
+        args.autoguide = str(shipped("weak-diffusion"))
     if args.x0_guidance:
         clf, _ = load_classifier(args.x0_guidance, device, args.trust_pickle)
         smoothing = args.x0_smoothing or 0.0

@@ -22,6 +22,8 @@ from .integrity import MANIFEST, sha256_file, write_manifest
 SHIPPED = {
     "diffusion": "fashion-cfg",
     "classifier": "fashion-classifier",
+    "clean-classifier": "fashion-clean-classifier",
+    "weak-diffusion": "fashion-cfg-weak",
     "image-encoder": "fashion-image-encoder",
     "text-encoder": "fashion-text-encoder",
     "judge": "fashion-judge",
