@@ -75,3 +75,40 @@ def run_cli_inprocess(argv) -> tuple[int, str, str]:
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return rc, out.getvalue(), err.getvalue()
+
+
+def bash_commands(markdown: Path) -> list[list[str]]:
+    """Every command of a Markdown file's ```bash blocks as an argv list, in order.
+
+    Line continuations are joined, ``# comments`` dropped (shlex, so a ``#`` inside quotes stays),
+    ``a && b`` split into two commands, and ``.venv/bin/condiff`` written ``condiff``.
+    """
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", Path(markdown).read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            args: list[str] = []
+            for tok in shlex.split(line, comments=True) + ["&&"]:
+                if tok != "&&":
+                    args.append("condiff" if tok == ".venv/bin/condiff" else tok)
+                elif args:
+                    commands.append(args)
+                    args = []
+    return commands
+
+
+def run_condiff_module(argv) -> int:
+    """``python -m condiff ARGV`` in this process (runpy: the module entry a user runs); its exit code."""
+    import runpy
+
+    old = sys.argv
+    sys.argv = ["condiff", *map(str, argv)]
+    try:
+        runpy.run_module("condiff", run_name="__main__", alter_sys=False)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import warnings
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from condiff.errors import CondiffError
 from condiff.images import load_image
 import condiff.similarity.terms as terms
 
-from helpers import one_thread, run_cli  # noqa: F401  (one_thread: autouse fixture)
+from helpers import bash_commands, one_thread, run_cli  # noqa: F401  (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,24 +92,17 @@ def test_the_encoder_names_what_it_sees_and_warns_on_an_inverted_reference():
 
 
 # ----------------------------------------------------------------------------- tutorial (item 8)
-def tutorial_commands() -> list[str]:
-    """The ```bash blocks of docs/tutorial.md, one command per line (continuations joined)."""
-    text = (ROOT / "docs" / "tutorial.md").read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for cmd in block.replace("\\\n", " ").splitlines():
-            cmd = cmd.split(" #")[0].strip()
-            if cmd and not cmd.startswith("#"):
-                commands.append(cmd)
-    return commands
+def tutorial_commands() -> list[list[str]]:
+    """The ```bash blocks of docs/tutorial.md, one argv list per command."""
+    return bash_commands(ROOT / "docs" / "tutorial.md")
 
 
 TINY = {"--per-class": "12", "--steps": "3", "--n": "20", "--batch-size": "8", "--scales": "0,4"}
 
 
-def tinier(cmd: str) -> list[str]:
+def tinier(cmd: list[str]) -> list[str]:
     """A tutorial command at a tiny size: the same flags, with the sizes replaced by TINY."""
-    args = shlex.split(cmd)
+    args = list(cmd)
     for i, a in enumerate(args[:-1]):
         if a in TINY:
             args[i + 1] = TINY[a]
@@ -127,7 +119,7 @@ def test_the_tutorial_runs_at_a_tiny_size(tmp_path, monkeypatch, capsys):
     from condiff.cli import main
 
     commands = tutorial_commands()
-    assert {c.split()[1] for c in commands if c.startswith("condiff")} >= {"train", "train-classifier", "sample",
+    assert {c[1] for c in commands if c[0] == "condiff"} >= {"train", "train-classifier", "sample",
                                                                            "train-judge", "sweep"}
     monkeypatch.chdir(tmp_path)
     for cmd in commands:
