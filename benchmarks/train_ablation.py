@@ -229,7 +229,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=b.blocks)
     ap.add_argument("--warmup", type=int, default=b.warmup)
     ap.add_argument("--ckpt-every", type=int, default=b.ckpt_every)
-    ap.add_argument("--keep", type=int, default=b.keep, help="checkpoints kept per row (default: all of them, so "
+    ap.add_argument("--keep", type=int, default=b.keep, help=f"checkpoints kept per row (default {b.keep}: all of them at the default budget, so "
                     "that benchmarks/train_curve.py can score the intermediate ones)")
     ap.add_argument("--log-every", type=int, default=b.log_every)
     ap.add_argument("--limit", type=int, default=None, help="train on the first N images only (tests)")
