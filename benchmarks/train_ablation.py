@@ -83,7 +83,7 @@ class Budget:
     """What every row shares: steps, batch, network, warm-up, checkpointing, data."""
 
     steps: int = 500
-    speed_steps: int = 30
+    speed_steps: int = 50
     batch_size: int = 128
     channels: str = "64,96"
     blocks: int = 1
@@ -198,7 +198,7 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown_table(rows: list[dict], n: int | None = None) -> str:
+def markdown_table(rows: list[dict], n: int | None = None, sampler_steps: int = 25) -> str:
     """The ablation table (markdown): one line per row of :func:`summarize`."""
     lines = ["| row | what | steps | FID_fm w = 0 | best w | FID_fm best w | judge acc (best w) | s/step | threads |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -208,7 +208,7 @@ def markdown_table(rows: list[dict], n: int | None = None) -> str:
                      f"{_fmt(r.get('fid_best'), '.2f')} | {_fmt(r.get('judge_best'), '.3f')} | "
                      f"{_fmt(r.get('s_per_step'), '.3f')} | {r['threads']} |")
     if n:
-        lines.append(f"\n{n} samples per setting, DDIM-25 (eta 0), balanced classes, seed 0; judge accuracy "
+        lines.append(f"\n{n} samples per setting, DDIM-{sampler_steps} (eta 0), balanced classes, seed 0; judge accuracy "
                      "at the best w (lowest FID_fm among w > 0).")
     return "\n".join(lines) + "\n"
 
@@ -293,9 +293,9 @@ def run_ablation(args) -> None:
         order = {n: i for i, n in enumerate(ROWS)}
         results.sort(key=lambda r: order.get(r["row"], len(order)))
         (out / "results.json").write_text(json.dumps({"settings": vars(args), "rows": results}, indent=1))
-        (out / "table.md").write_text(markdown_table(results, args.n))
+        (out / "table.md").write_text(markdown_table(results, args.n, args.sampler_steps))
         print(markdown_table([summary]), flush=True)
-    print(markdown_table(results, args.n))
+    print(markdown_table(results, args.n, args.sampler_steps))
 
 
 if __name__ == "__main__":
