@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from condiff.checkpoints import latest_checkpoint
+from condiff.compose import Guidance, Sampling
 from condiff.evaluation import Evaluator, load_judge, load_real_data
-from condiff.guidance import NullBranch
 from condiff.pipeline import load_diffusion
 from condiff.sweep import SweepContext, get_method, sample_at_scale, sweep_labels
 from condiff.training import save_posthoc_ema
@@ -36,7 +36,35 @@ from condiff.training import save_posthoc_ema
 
 def _null_method(ctx, scale, labels):
     """The unconditional null branch eps(x_t, phi, t): no condition, no guidance."""
-    return NullBranch(ctx.model), None, []
+    return Guidance(unconditional=True), {"y": labels}
+
+
+def make_evaluator(judge=None, seed: int = 0) -> tuple[Evaluator, tuple, int]:
+    """The shipped judge (or ``judge``) and its held-out data: (evaluator, image shape, number of classes)."""
+    model, jconf = load_judge(judge)
+    shape = tuple(jconf.get("image_shape") or (1, 28, 28))
+    evaluator = Evaluator(model, *load_real_data(jconf.get("data"), shape), jconf.get("class_names"), seed=seed)
+    return evaluator, shape, model.num_classes
+
+
+def sweep_context(path, shape) -> SweepContext:
+    """A diffusion checkpoint folder, loaded for :func:`score`."""
+    model, schedule, config = load_diffusion(path)
+    return SweepContext(model, schedule, shape, config.get("class_names") or [])
+
+
+def score(ctx: SweepContext, evaluator: Evaluator, labels: torch.Tensor, w: float = 0.0, *, null: bool = False,
+          steps: int = 25, seed: int = 0) -> dict:
+    """FID_fm and judge accuracy of DDIM-``steps`` samples for ``labels``: CFG of weight ``w`` (eq 24, eta 0),
+    or the null branch (phi of eq 24, eta 1). Returns fid_fm, judge_accuracy, fid_fm_floor, seconds."""
+    t0 = time.time()
+    builder = _null_method if null else get_method("cfg")
+    sampling = Sampling(sampler="ddim", steps=steps, options={"eta": 1.0 if null else 0.0})
+    with torch.no_grad():
+        x = sample_at_scale(ctx, builder, 0.0 if null else w, labels, sampling=sampling, seed=seed)
+    r = evaluator.evaluate(x, labels)
+    return {"fid_fm": r["fid_fm"], "judge_accuracy": r["judge_accuracy"], "fid_fm_floor": r["fid_fm_floor"],
+            "seconds": round(time.time() - t0, 1)}
 
 
 def candidates(args, out: Path) -> list[tuple[str, Path]]:
@@ -72,26 +100,17 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    judge, jconf = load_judge(args.judge)
-    shape = tuple(jconf.get("image_shape") or (1, 28, 28))
-    evaluator = Evaluator(judge, *load_real_data(jconf.get("data"), shape), jconf.get("class_names"), seed=args.seed)
-    labels = sweep_labels(args.n, list(range(judge.num_classes)))
+    evaluator, shape, num_classes = make_evaluator(args.judge, args.seed)
+    labels = sweep_labels(args.n, list(range(num_classes)))
     rows = []
-    settings = [("cfg", w, 0.0) for w in args.scales] + ([("null", 0.0, 1.0)] if args.null else [])
+    settings = [(False, w) for w in args.scales] + ([(True, 0.0)] if args.null else [])
     print("| model | setting | FID_fm | judge acc | s |\n|---|---|---:|---:|---:|", flush=True)
     for name, path in candidates(args, out):
-        model, schedule, config = load_diffusion(path)
-        ctx = SweepContext(model, schedule, shape, config.get("class_names") or [])
-        for method, w, eta in settings:
-            t0 = time.time()
-            builder = _null_method if method == "null" else get_method("cfg")
-            with torch.no_grad():
-                x = sample_at_scale(ctx, builder, w, labels, steps=args.steps, eta=eta, seed=args.seed)
-            r = evaluator.evaluate(x, labels)
-            setting = f"null branch, eta {eta:g}" if method == "null" else f"w = {w:g}"
-            row = {"model": name, "path": str(path), "setting": setting, "n": args.n, "steps": args.steps,
-                   "fid_fm": r["fid_fm"], "judge_accuracy": r["judge_accuracy"], "fid_fm_floor": r["fid_fm_floor"],
-                   "seconds": round(time.time() - t0, 1)}
+        ctx = sweep_context(path, shape)
+        for null, w in settings:
+            r = score(ctx, evaluator, labels, w, null=null, steps=args.steps, seed=args.seed)
+            setting = "null branch, eta 1" if null else f"w = {w:g}"
+            row = {"model": name, "path": str(path), "setting": setting, "n": args.n, "steps": args.steps, **r}
             rows.append(row)
             print(f"| {name} | {setting} | {row['fid_fm']:.2f} | {row['judge_accuracy']:.3f} | {row['seconds']:.0f} |",
                   flush=True)
