@@ -255,6 +255,10 @@ class Lane:
         self.counter = CallCounter(self._role_of)
         self.counter.__enter__()
 
+    def close(self) -> None:
+        """Remove the counting hooks (a lane in a longer-lived process, e.g. a test)."""
+        self.counter.__exit__(None, None, None)
+
     def _role_of(self, module):
         from condiff.nets import JudgeNet
 
