@@ -556,9 +556,9 @@ def table_md(result: dict, grid_prefix: str = "grids/") -> str:
         md.append(f"| {r['label']} | {r['method']} {r['scale']:g}{f' ({opts})' if opts else ''} | {r['n']} "
                   f"| {_fmt(r['judge_accuracy'])} | {_fmt(r['fid_fm'], '.2f')} | {_fmt(r['diversity_ratio'], '.2f')} "
                   f"| {_fmt(r['seconds_per_image'])} | {calls_text(r['calls'])} |")
-    if rows:
-        floor = rows[-1]
-        md.append(f"| real data (training images) | | | {_fmt(floor.get('judge_accuracy_real'))} "
+    floors = {r["n"]: r for r in rows}  # the real-data floor depends on n (FID_fm is biased upward at small n)
+    for n, floor in sorted(floors.items()):
+        md.append(f"| real data (training images, n = {n}) | | {n} | {_fmt(floor.get('judge_accuracy_real'))} "
                   f"| {_fmt(floor.get('fid_fm_floor'), '.2f')} | 1.00 | | |")
     busy = [r["id"] for r in rows if r.get("cpu_seconds_per_image")
             and r["seconds_per_image"] > 1.25 * r["cpu_seconds_per_image"]]
@@ -616,14 +616,15 @@ def select_rows(args) -> list[Row]:
         if not rows:
             raise CondiffError(f"--rows {args.rows} matches no row")
     if args.skip_missing:
-        keep = []
-        for r in rows:
+        for role in sorted({role for r in rows for _, role in r.models}):
             try:
-                resolve_models(args, [r])
-                keep.append(r)
+                resolve_models(args, [Row("", "", "", 0.0, models=(("", role),))])
             except CondiffError as e:
-                print(f"skipping {r.id}: {e}", file=sys.stderr)
-        rows = keep
+                dropped = [r.id for r in rows if role in dict(r.models).values()]
+                rows = [r for r in rows if r.id not in dropped]
+                print(f"skipping {', '.join(dropped)}: {str(e).split(':')[0]}", file=sys.stderr)
+        if not rows:
+            raise CondiffError("no rows left to run")
     return rows
 
 
@@ -701,6 +702,9 @@ def _main(args) -> int:
         raise CondiffError("--n and --n-goal must be at least 6 (the evaluator's 5 neighbours and one more)")
     torch.set_num_threads(1)
     rows = select_rows(args)
+    if min(args.n, args.n_goal) < 20:
+        print(f"note: n = {min(args.n, args.n_goal)} is under two samples per class: such rows use the first n // 2 "
+              "classes only (a test run)", file=sys.stderr)
     models = resolve_models(args, rows)
     if args.estimate:
         estimate(args, rows, models)

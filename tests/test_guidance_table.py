@@ -173,6 +173,7 @@ def test_core_counts_calls_and_writes_the_table(tiny_lane):
     assert md[header] == "| " + " | ".join(gt.COLUMNS) + " |"
     body = md[header + 2: header + 2 + len(rows) + 1]
     assert [line.split(" | ")[0] for line in body[:-1]] == [f"| {r.id}" for r in rows]
-    assert body[-1].startswith("| real data") and all(line.count("|") == len(gt.COLUMNS) + 1 for line in body)
+    assert body[-1].startswith("| real data (training images, n = 8)")
+    assert all(line.count("|") == len(gt.COLUMNS) + 1 for line in body)
     assert sum(line[:3] in {f"{k}. " for k in range(1, 5)} for line in md) == 4  # the four goals
     assert any("x0-classifier model" in line for line in md if line.startswith("- "))  # a recommendation
