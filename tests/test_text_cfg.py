@@ -211,3 +211,99 @@ def test_cli_train_text_with_init_then_sample_prompt(tmp_path, fake_minilm):
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
     rc, _, err = run_cli_inprocess(["train", "--init", tmp_path / "cls", "--out", tmp_path / "bad", *common])
     assert rc == 2 and "--init applies to --cond text" in err
+
+
+def test_text_cfg_sweep_scores_attributes_on_heldout_prompts(tmp_path):
+    from condiff.captions import AttributeRule
+    from condiff.evaluation import Evaluator, read_samples
+    from condiff.nets import JudgeNet
+    from condiff.pipeline import generate
+    from condiff.sweep import SweepContext, run_sweep, sweep_labels
+
+    torch.manual_seed(0)
+    net = tiny_unet(cond_dim=D).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    data = tiny_data()
+    rule = AttributeRule.fit(data.images, data.labels, NAMES)
+    ctx = SweepContext(net, S, (1, 8, 8), NAMES, "cpu", {}, rule=rule)
+    ctx.cache["minilm"] = FakeText()
+    ev = Evaluator(JudgeNet(1, 8, (4, 8, 8), feature_dim=8, num_classes=2), data, data, NAMES)
+    out = tmp_path / "sweep"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_sweep(ctx, "text-cfg", [0, 2], 12, out, ev, sampling=Sampling("ddim", 3), batch_size=5, seed=2)
+    assert result["settings"]["prompts"] == "heldout"
+    rows = ctx.prompts
+    labels = sweep_labels(12, [0, 1])
+    assert [p.label for p in rows] == labels.tolist()
+    from condiff.captions import heldout_prompts, split_captions
+
+    held = {p.text for p in heldout_prompts(NAMES)}
+    train_texts = {c.text for c in split_captions(NAMES, "train")}
+    assert all(p.text in held and p.text not in train_texts for p in rows)
+    assert len({p.text for p in rows if p.label == 0}) == 6  # 12 rows, 6 per class, each a different prompt
+    # w = 0 is the conditional model on each row's prompt embedding, with the sweep's noise
+    emb = FakeText().encode([p.text for p in rows])
+    x = generate(net, S, 12, shape=(1, 8, 8), cond=emb, sampler="ddim", steps=3, seed=2, batch_size=5)
+    x0 = read_samples(out / "samples-scale-0.npz")[0]
+    assert torch.allclose(x0, x.clamp(-1, 1), atol=1 / 127.5 + 1e-6)
+    # each attribute column is the rule's accuracy on the stored samples against the prompts' targets
+    targets = torch.tensor([p.attrs for p in rows])
+    for r, tag in zip(result["rows"], ("0", "2")):
+        xs = read_samples(out / f"samples-scale-{tag}.npz")[0]
+        want = rule.accuracy(xs, labels, targets)
+        for a in ("brightness", "texture", "shape"):
+            assert r[f"attr_{a}"] == pytest.approx(want[a])
+        assert r["attr_shape"] is not None and 0 <= r["attr_brightness"] <= 1
+    md = (out / "results.md").read_text()
+    assert "| judge acc | brightness | texture | shape |" in md and "Prompts: `heldout`" in md
+    header = next(line for line in md.splitlines() if line.startswith("| scale | judge acc"))
+    row0 = next(line for line in md.splitlines() if line.startswith("| 0 |"))
+    assert header.count("|") == row0.count("|")
+    assert "attr_texture" in (out / "results.csv").read_text().splitlines()[0]
+    # a class model is refused
+    ctx2 = SweepContext(tiny_unet(num_classes=2), S, (1, 8, 8), NAMES, "cpu", {}, rule=rule)
+    with pytest.raises(Exception, match="text-conditional"):
+        run_sweep(ctx2, "text-cfg", [0], 12, tmp_path / "bad", ev, sampling=Sampling("ddim", 3))
+
+
+def test_text_similarity_sweep_runs_on_the_same_prompts(tmp_path, fake_minilm):
+    """--method text (the SDG route) on --prompts heldout: each row's own prompt as its target, attribute columns."""
+    from condiff.captions import AttributeRule
+    from condiff.evaluation import Evaluator
+    from condiff.nets import JudgeNet
+    from condiff.similarity import train_text_encoder
+    from condiff.similarity.terms import load_encoder, text_target
+    from condiff.sweep import METHODS, SweepContext, get_method, run_sweep
+
+    data = tiny_data()
+    cfg = TrainConfig(steps=2, batch_size=16, lr=1e-3, warmup=1, ckpt_every=2, log_every=2)
+    enc_ckpt = train_text_encoder(data, tmp_path / "enc", S, FakeText(), arch=dict(channels=[8], blocks=1, stem=1),
+                                  dim=8, cfg=cfg, progress=False)
+    rule = AttributeRule.fit(data.images, data.labels, NAMES)
+    net = tiny_unet()  # unconditional
+    ctx = SweepContext(net, S, (1, 8, 8), NAMES, "cpu", {"text_encoder": str(enc_ckpt), "prompts": "heldout",
+                                                         "text_prior": "0"}, rule=rule)
+    ev = Evaluator(JudgeNet(1, 8, (4, 8, 8), feature_dim=8, num_classes=2), data, data, NAMES)
+    seen = []
+    builder = get_method("text")
+
+    def spy(ctx, scale, labels):
+        guidance, cond = builder(ctx, scale, labels)
+        seen.append(cond["text"])
+        return guidance, cond
+
+    spy.option_keys = builder.option_keys
+    METHODS["text"] = spy
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_sweep(ctx, "text", [1.0], 12, tmp_path / "sweep", ev, sampling=Sampling("ddim", 2))
+    finally:
+        del METHODS["text"]
+    assert "attr_brightness" in result["rows"][0] and result["settings"]["prompts"] == "heldout"
+    enc, _ = load_encoder(enc_ckpt, "text")
+    want = text_target(enc, FakeText().encode([p.text for p in ctx.prompts]), 0.0)
+    assert torch.allclose(seen[-1], want)  # every row steered to its own held-out prompt

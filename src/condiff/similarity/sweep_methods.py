@@ -58,10 +58,15 @@ def _text_method(ctx, scale: float, labels: torch.Tensor):
         ctx.cache["text"] = (enc, text_target(enc, load_text_encoder(ctx.device).encode(prompts), prior))
     enc, emb = ctx.cache["text"]
     term = TextSimilarity(lambda x, t: enc(x, t, "text"), None, scale)  # each row's target: cond["text"]
+    if ctx.prompts is not None:  # a prompt sweep (--prompts heldout): each sample's own prompt, same targets rule
+        from ..sweep import prompt_embeddings
+
+        target = text_target(enc, prompt_embeddings(ctx, labels)[1], _number(ctx, "text_prior"))
+        return Guidance(unconditional=ctx.conditional, terms=[term]), {"y": labels, "text": target}
     return Guidance(unconditional=ctx.conditional, terms=[term]), {"y": labels, "text": emb[labels.cpu()]}
 
 
-_text_method.option_keys = ("text_encoder", "text_prior", r"prompt\d+")
+_text_method.option_keys = ("text_encoder", "text_prior", r"prompt\d+", "prompts")
 
 
 def class_references(ctx) -> ImageSimilarity:
