@@ -307,3 +307,35 @@ def test_text_similarity_sweep_runs_on_the_same_prompts(tmp_path, fake_minilm):
     enc, _ = load_encoder(enc_ckpt, "text")
     want = text_target(enc, FakeText().encode([p.text for p in ctx.prompts]), 0.0)
     assert torch.allclose(seen[-1], want)  # every row steered to its own held-out prompt
+
+
+def test_text_encoder_aligned_with_attribute_captions(tmp_path):
+    """train-encoder --kind text --captions attributes: the bank holds captions of (class, attributes)
+    combinations, each image's target is its own combination, and a prompt maps onto combinations."""
+    from condiff.captions import attribute_combos, combo_captions
+    from condiff.similarity import train_text_encoder
+    from condiff.similarity.captions import caption_prior, centre, class_centroids
+    from condiff.similarity.tasks import attribute_dataset
+    from condiff.similarity.terms import load_encoder, text_target
+
+    data = tiny_data()
+    coded, rule = attribute_dataset(data)
+    combos = attribute_combos(NAMES)
+    assert len(combos) == 16 and all(combos[int(c)][0] == int(k) for c, k in zip(coded.labels, data.labels))
+    got = rule.attributes(data.images, data.labels)
+    assert all(list(combos[int(c)][1]) == row for c, row in zip(coded.labels, got.tolist()))
+    cfg = TrainConfig(steps=2, batch_size=16, lr=1e-3, warmup=1, ckpt_every=2, log_every=2)
+    final = train_text_encoder(data, tmp_path / "enc", S, FakeText(), arch=dict(channels=[8], blocks=1, stem=1),
+                               dim=8, cfg=cfg, progress=False, captions="attributes")
+    enc, config = load_encoder(final, "text")
+    texts, labels = combo_captions(NAMES)
+    assert config["caption_set"] == "attributes" and enc.captions == len(texts)
+    assert enc.caption_labels.tolist() == labels
+    assert torch.allclose(enc.caption_bank, FakeText().encode(texts), atol=1e-6)
+    # a prompt equal to a bank caption maps (at a low prior temperature) onto its own combination's direction
+    i = 37
+    target = text_target(enc, FakeText().encode([texts[i]]), 0.01)
+    cents = class_centroids(centre(enc.caption_bank, enc.caption_bank.mean(0)), enc.caption_labels, 16)
+    assert torch.allclose(target[0], cents[labels[i]], atol=1e-3)
+    assert torch.allclose(target, caption_prior(FakeText().encode([texts[i]]), enc.caption_bank,
+                                                enc.caption_labels, 0.01))

@@ -46,7 +46,8 @@ from .errors import CondiffError
 
 __all__ = ["ATTRIBUTES", "FOREGROUND", "NOT_APPLICABLE", "NOUNS", "WORDS", "TEMPLATES", "SPLITS", "Caption",
            "attribute_values", "AttributeRule", "applicable", "attribute_codes", "decode_codes", "make_caption",
-           "split_captions", "caption_table", "heldout_prompts", "CaptionBank"]
+           "split_captions", "caption_table", "heldout_prompts", "CaptionBank", "attribute_combos", "combo_labels",
+           "combo_captions"]
 
 #: The attributes, in the order of every (N, A) tensor; value 0 is the first word, 1 the second.
 ATTRIBUTES = ("brightness", "texture", "shape")
@@ -279,6 +280,40 @@ def caption_table(captions: Sequence[Caption], num_classes: int) -> tuple[torch.
     for i, r in enumerate(rows):
         table[i, :len(r)] = torch.tensor(r, dtype=torch.long)
     return table, counts
+
+
+def attribute_combos(class_names: Sequence[str]) -> list[tuple[int, tuple[int, ...]]]:
+    """Every (class, attributes) a caption can state in full: the applicable attributes 0 or 1, the others -1.
+    The order of :func:`heldout_prompts` (one prompt per combination)."""
+    out = []
+    for k, name in enumerate(class_names):
+        usable = [a for a in ATTRIBUTES if a not in NOT_APPLICABLE.get(name, ())]
+        for values in itertools.product((0, 1), repeat=len(usable)):
+            given = dict(zip(usable, values))
+            out.append((k, tuple(given.get(a, -1) for a in ATTRIBUTES)))
+    return out
+
+
+def combo_labels(labels: torch.Tensor, attrs: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+    """(N,) the index in :func:`attribute_combos` of each image's class and (applicable) attributes."""
+    index = {c: i for i, c in enumerate(attribute_combos(class_names))}
+    ok = applicable(class_names)
+    return torch.tensor([index[(k, tuple(int(v) if ok[k, a] else -1 for a, v in enumerate(row)))]
+                         for k, row in zip(torch.as_tensor(labels).tolist(), torch.as_tensor(attrs).tolist())])
+
+
+def combo_captions(class_names: Sequence[str], split: str = "train") -> tuple[list[str], list[int]]:
+    """Captions stating a class and all its applicable attributes, and their :func:`attribute_combos` index:
+    every noun x every word choice of the split, in its first template (a compact caption bank to store)."""
+    texts, labels = [], []
+    for i, (k, attrs) in enumerate(attribute_combos(class_names)):
+        stated = [(a, v) for a, v in zip(ATTRIBUTES, attrs) if v >= 0]
+        for article, noun in NOUNS[class_names[k]][split]:
+            for choice in itertools.product((0, 1), repeat=len(stated)):
+                words = {a: WORDS[a][split][v][c] for (a, v), c in zip(stated, choice)}
+                texts.append(make_caption(article, noun, words, TEMPLATES[split][0]))
+                labels.append(i)
+    return texts, labels
 
 
 def heldout_prompts(class_names: Sequence[str]) -> list[Caption]:
