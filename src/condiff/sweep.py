@@ -121,30 +121,13 @@ def _cfg_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
 _cfg_method.option_keys = ()
 
 
-def prompt_embeddings(ctx: SweepContext, labels: torch.Tensor) -> tuple[list, torch.Tensor]:
-    """(the prompts of the first len(labels) samples, their MiniLM embeddings (N, D)); each distinct prompt is
-    encoded once per sweep (the text encoder: ``ctx.cache["minilm"]``, loaded on first use)."""
-    if ctx.prompts is None:
-        raise CondiffError("this method samples prompts: give a prompt set (condiff sweep --prompts heldout)")
-    rows = ctx.prompts[:len(labels)]
-    if [p.label for p in rows] != labels.tolist():
-        raise CondiffError("the sweep's prompts do not match its target classes")
-    if "minilm" not in ctx.cache:
-        from .similarity.text import load_text_encoder
-
-        ctx.cache["minilm"] = load_text_encoder(ctx.device)
-    memo = ctx.cache.setdefault("prompt_emb", {})
-    todo = sorted({p.text for p in rows} - set(memo))
-    if todo:
-        memo.update(zip(todo, torch.as_tensor(ctx.cache["minilm"].encode(todo)).float().cpu()))
-    return rows, torch.stack([memo[p.text] for p in rows])
-
-
 def _text_cfg_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
     """Text to image by CFG (the article's second route): a caption-conditional model (condiff train --cond text)
     at weight w = scale (eq 24), each sample's condition the MiniLM embedding of its prompt."""
     if not getattr(ctx.model, "cond_dim", None):
         raise CondiffError("method text-cfg needs a text-conditional eps-model (condiff train --cond text)")
+    from .similarity.sweep_methods import prompt_embeddings
+
     _, emb = prompt_embeddings(ctx, labels)
     return Guidance(cfg_w=scale), {"y": emb}
 
