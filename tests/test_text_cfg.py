@@ -339,3 +339,17 @@ def test_text_encoder_aligned_with_attribute_captions(tmp_path):
     assert torch.allclose(target[0], cents[labels[i]], atol=1e-3)
     assert torch.allclose(target, caption_prior(FakeText().encode([texts[i]]), enc.caption_bank,
                                                 enc.caption_labels, 0.01))
+
+
+def test_unknown_classes_are_one_line_errors(tmp_path, fake_minilm):
+    from condiff.captions import combo_captions, heldout_prompts, split_captions
+    from condiff.errors import CondiffError
+
+    for fn in (split_captions, heldout_prompts, combo_captions):
+        with pytest.raises(CondiffError, match="no caption nouns for class 'left'"):
+            fn(["left", "top"])
+    data = ImageDataset(tiny_data().images, tiny_data().labels, ["left", "top"])
+    npz = write_npz(tmp_path / "d.npz", data)
+    rc, _, err = run_cli_inprocess(["train", "--cond", "text", "--data", npz, "--out", tmp_path / "r", "--steps", "1",
+                                    "--batch-size", "8", "--channels", "8", "--stem", "1", "--device", "cpu"])
+    assert rc == 2 and "no caption nouns" in err and len(err.strip().splitlines()) == 1, err

@@ -241,6 +241,13 @@ def make_caption(article: str, noun: str, words: dict[str, str], template: str) 
     return template.format(np=np_, np_comma=np_comma, bare=_article(article, noun) + noun, adjs=listed)
 
 
+def _nouns(name: str, split: str) -> list[tuple[str, str]]:
+    if name not in NOUNS:
+        raise CondiffError(f"no caption nouns for class {name!r}: attribute captions know the Fashion-MNIST classes "
+                           f"({', '.join(NOUNS)})")
+    return NOUNS[name][split]
+
+
 def split_captions(class_names: Sequence[str], split: str = "train") -> list[Caption]:
     """Every caption of a split: each noun x template x (per applicable attribute: unmentioned, or either
     value with either word); no repeats.  Deterministic order."""
@@ -248,11 +255,9 @@ def split_captions(class_names: Sequence[str], split: str = "train") -> list[Cap
         raise CondiffError(f"caption split must be one of {', '.join(SPLITS)}, got {split!r}")
     out, seen = [], set()
     for k, name in enumerate(class_names):
-        if name not in NOUNS:
-            raise CondiffError(f"no caption nouns for class {name!r} (known: {', '.join(NOUNS)})")
         usable = [a for a in ATTRIBUTES if a not in NOT_APPLICABLE.get(name, ())]
         choices = [[(None, None)] + [(v, w) for v in (0, 1) for w in WORDS[a][split][v]] for a in usable]
-        for article, noun in NOUNS[name][split]:
+        for article, noun in _nouns(name, split):
             for combo in itertools.product(*choices):
                 words = {a: w for a, (v, w) in zip(usable, combo) if v is not None}
                 values = {a: v for a, (v, w) in zip(usable, combo) if v is not None}
@@ -308,7 +313,7 @@ def combo_captions(class_names: Sequence[str], split: str = "train") -> tuple[li
     texts, labels = [], []
     for i, (k, attrs) in enumerate(attribute_combos(class_names)):
         stated = [(a, v) for a, v in zip(ATTRIBUTES, attrs) if v >= 0]
-        for article, noun in NOUNS[class_names[k]][split]:
+        for article, noun in _nouns(class_names[k], split):
             for choice in itertools.product((0, 1), repeat=len(stated)):
                 words = {a: WORDS[a][split][v][c] for (a, v), c in zip(stated, choice)}
                 texts.append(make_caption(article, noun, words, TEMPLATES[split][0]))
@@ -322,7 +327,7 @@ def heldout_prompts(class_names: Sequence[str]) -> list[Caption]:
     out = []
     for k, name in enumerate(class_names):
         usable = [a for a in ATTRIBUTES if a not in NOT_APPLICABLE.get(name, ())]
-        nouns = NOUNS[name]["heldout"]
+        nouns = _nouns(name, "heldout")
         for j, values in enumerate(itertools.product((0, 1), repeat=len(usable))):
             article, noun = nouns[j % len(nouns)]
             words = {a: WORDS[a]["heldout"][v][(j + i) % 2] for i, (a, v) in enumerate(zip(usable, values))}

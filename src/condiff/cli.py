@@ -257,18 +257,21 @@ def _caption_training(args, data, names, schedule, meta, model, out: Path, main:
     from .similarity.text import load_text_encoder
     from .text_cfg import TEXT_KEY, build_caption_task, caption_dataset, init_from_class_model, text_condition_meta
 
+    from .captions import split_captions
+
+    caps = split_captions(names, "train")  # classes without caption nouns fail here, before any work
+    if args.init:
+        from .checkpoints import read_config, resolve_checkpoint
+
+        if read_config(resolve_checkpoint(args.init)).get("network", {}).get("num_classes") is None:
+            raise CondiffError(f"{args.init}: --init takes a class-conditional eps-model")
     coded, rule = caption_dataset(data)
-    encoder = load_text_encoder("cpu")  # a missing extra fails here, before any work
+    encoder = load_text_encoder("cpu")  # a missing extra fails here
     task, bank = build_caption_task(schedule, names, encoder, cache=out / "captions.safetensors" if main else None,
                                     p_uncond=args.p_uncond, min_snr_gamma=args.min_snr_gamma,
                                     t_sampling=args.t_sampling)
     meta[TEXT_KEY] = text_condition_meta(rule, encoder.name, encoder.dim)
-    from .captions import split_captions
-
-    caps = split_captions(names, "train")
     if args.init:
-        from .checkpoints import resolve_checkpoint
-
         init_from_class_model(model, args.init, bank, [c.label for c in caps])
         meta["init"] = str(resolve_checkpoint(args.init))
     first = [next(i for i, c in enumerate(caps) if c.label == k) for k in range(len(names))]

@@ -474,8 +474,12 @@ def sweep_checkpoint(ckpt, method: str, scales: list[float] | None, n: int, out_
     evaluator = Evaluator(judge_net, train_data, test_data, jnames or names, device=device, seed=seed)
     ctx = SweepContext(model, schedule, shape, names, device, options)
     if options.get("prompts") or method in PROMPT_METHODS:  # the rule the model's captions were made with
-        from .captions import AttributeRule
+        from .captions import AttributeRule, heldout_prompts
         from .text_cfg import attribute_rule, is_text_conditional
+
+        if method == "text-cfg" and not is_text_conditional(config):
+            raise CondiffError("method text-cfg needs a text-conditional eps-model (condiff train --cond text)")
+        heldout_prompts(names)  # classes without caption nouns: one line, before any work
 
         ctx.rule = attribute_rule(config) if is_text_conditional(config) else \
             AttributeRule.fit(train_data.images, train_data.labels, names)
