@@ -218,4 +218,5 @@ def test_training_recipe_rejects_an_unknown_stage():
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_shipped.sh"
     p = subprocess.run(["bash", str(script), "nope"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        "train_shipped.sh: unknown stage 'nope' (cfg, cfg-v2, clf, judge, enc-image, enc-text, export)"]
+        "train_shipped.sh: unknown stage 'nope' (cfg, cfg-v1, clf, clean, judge, enc-image, enc-text, export, "
+        "text-cfg, export-text-cfg, enc-text-attr, export-enc-text-attr)"]

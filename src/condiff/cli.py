@@ -210,22 +210,32 @@ def cmd_train(args) -> int:
         raise CondiffError(f"images must be square, got {H}x{W}")
     schedule = make_schedule(args.schedule, args.T)
     num_classes = data.num_classes if args.cond == "class" else None
+    if args.init and args.cond != "text":
+        raise CondiffError("--init applies to --cond text (a class model's weights as the starting point)")
+    text = args.cond == "text"
+    if text:
+        from .similarity.text import TEXT_DIM
     model = UNet(in_channels=C, image_size=H, channels=args.channels, blocks=args.blocks, stem=args.stem,
-                 num_classes=num_classes, attention=args.attention).to(device)
+                 num_classes=num_classes, cond_dim=TEXT_DIM if text else None, attention=args.attention).to(device)
     names = data.class_names or [str(i) for i in range(data.num_classes)]
     meta = {"schedule": schedule.config(), "class_names": names, "image_shape": [C, H, W]}
     out = Path(args.out)
+    dist = current_dist()
+    if text:  # captions with pixel attributes, embedded once (condiff.text_cfg)
+        data, task, sample_cond = _caption_training(args, data, names, schedule, meta, model, out, dist.main)
+    else:
+        task = DiffusionTask(schedule, args.p_uncond if num_classes else 0.0, min_snr_gamma=args.min_snr_gamma,
+                             t_sampling=args.t_sampling)
 
     def on_sample(ema, step):
         k = min(num_classes or 8, 10)
         cond = __import__("torch").arange(k).repeat_interleave(8) if num_classes else None
+        if text:
+            k, cond = len(sample_cond), sample_cond.repeat_interleave(8, 0)
         x = generate(ema, schedule, 8 * k, shape=(C, H, W), cond=cond, steps=min(25, schedule.T), seed=0,
                      device=device)
         save_grid(x, out / "samples" / f"step-{step:07d}.png", nrow=8)
 
-    dist = current_dist()
-    task = DiffusionTask(schedule, args.p_uncond if num_classes else 0.0, min_snr_gamma=args.min_snr_gamma,
-                         t_sampling=args.t_sampling)
     cfg = _train_config(args, sample_every=args.sample_every)
     cfg.validate()  # before the banner: a bad value prints nothing but its error
     if dist.main:
@@ -240,6 +250,33 @@ def cmd_train(args) -> int:
     if dist.main:
         print(f"final checkpoint: {final}")
     return 0
+
+
+def _caption_training(args, data, names, schedule, meta, model, out: Path, main: bool):
+    """``condiff train --cond text``: (coded data, CaptionDiffusionTask, one caption embedding per class for the
+    sample grids); the rule and text encoder go into ``meta``; ``--init`` copies a class model's weights."""
+    from .similarity.text import load_text_encoder
+    from .text_cfg import TEXT_KEY, build_caption_task, caption_dataset, init_from_class_model, text_condition_meta
+
+    from .captions import split_captions
+
+    caps = split_captions(names, "train")  # classes without caption nouns fail here, before any work
+    if args.init:
+        from .checkpoints import read_config, resolve_checkpoint
+
+        if read_config(resolve_checkpoint(args.init)).get("network", {}).get("num_classes") is None:
+            raise CondiffError(f"{args.init}: --init takes a class-conditional eps-model")
+    coded, rule = caption_dataset(data)
+    encoder = load_text_encoder("cpu")  # a missing extra fails here
+    task, bank = build_caption_task(schedule, names, encoder, cache=out / "captions.safetensors" if main else None,
+                                    p_uncond=args.p_uncond, min_snr_gamma=args.min_snr_gamma,
+                                    t_sampling=args.t_sampling)
+    meta[TEXT_KEY] = text_condition_meta(rule, encoder.name, encoder.dim)
+    if args.init:
+        init_from_class_model(model, args.init, bank, [c.label for c in caps])
+        meta["init"] = str(resolve_checkpoint(args.init))
+    first = [next(i for i, c in enumerate(caps) if c.label == k) for k in range(len(names))]
+    return coded, task, bank.embeddings[first]
 
 
 def cmd_posthoc_ema(args) -> int:
@@ -361,8 +398,9 @@ def cmd_sample(args) -> int:
     model = compile_model(model, args.compile)
     names = config.get("class_names", [])
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
+    prompt_emb = _prompt_condition(args, config, model, device)  # --prompt on a text-conditional model
     classes = [resolve_class(c, names, len(names) or None) for c in args.classes] if args.classes else []
-    how = class_guidance(model, classes=bool(classes), cfg_w=cfg_w if args.cfg_pp is None else args.cfg_pp,
+    how = class_guidance(model, classes=bool(classes) or prompt_emb is not None, cfg_w=cfg_w if args.cfg_pp is None else args.cfg_pp,
                          classifier=bool(args.classifier or args.x0_guidance), unconditional=args.unconditional)
     if args.cfg_pp is not None:  # CFG++'s lambda in place of the CFG weight
         how["cfg_pp"], how["cfg_w"] = how["cfg_w"], None
@@ -383,11 +421,13 @@ def cmd_sample(args) -> int:
     guidance = Guidance(cfg_interval=args.cfg_interval, cfg_rescale=args.cfg_rescale or 0.0,
                         terms=terms + x0_terms + sim_terms, form=args.form, grad_at=args.grad_at, **how, **family)
     eps, shift = compose(model, schedule, guidance, sampling)
-    rows = classes or [None]
+    rows = classes or (args.prompts if prompt_emb is not None else [None])
     n = len(rows) * args.n
     y = torch.tensor([c for c in rows for _ in range(args.n)]) if classes else None
     if y is not None:
         cond["y"] = y  # per-row targets travel with their rows: any --batch-size
+    if prompt_emb is not None:
+        cond["y"] = prompt_emb.repeat_interleave(args.n, 0)  # eq 22's y: E_text(prompt), one grid row per prompt
     with autocast(device, args.bf16):  # batches split across torchrun ranks, gathered on rank 0
         x = generate_sharded(eps, schedule, n, shape=shape, cond=cond or None, mean_shift=shift, seed=args.seed,
                              batch_size=args.batch_size, device=device,
@@ -402,6 +442,25 @@ def cmd_sample(args) -> int:
     if args.npz:
         print(f"wrote {save_npz(args.npz, x, y if y is not None else None)}")
     return 0
+
+
+def _prompt_condition(args, config, model, device):
+    """--prompt checked against the model and the other flags, then embedded: (rows, D), or None."""
+    from .text_cfg import is_text_conditional, prompt_condition
+
+    text_model = is_text_conditional(config)
+    if not args.prompts:
+        if text_model and args.classes:
+            raise CondiffError("this eps-model is text-conditional: give --prompt TEXT instead of --class")
+        return None
+    if not text_model:
+        raise CondiffError("--prompt needs a text-conditional eps-model (condiff train --cond text); this one is "
+                           "not (text similarity guidance on it: --text)")
+    for flag, given in (("--class", args.classes), ("--classifier", args.classifier), ("--unconditional",
+                                                                                      args.unconditional)):
+        if given:
+            raise CondiffError(f"--prompt does not combine with {flag}")
+    return prompt_condition(args.prompts, config, device)
 
 
 # ----------------------------------------------------------------------------- demo, export
@@ -492,10 +551,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "branch, classifier and similarity guidance. Resumes from --out.",
                        epilog=EPILOG)
     _add_train_common(p, steps=2000, lr=1e-3, channels="64,96", blocks=1)
-    p.add_argument("--cond", choices=["class", "none"], default="class",
-                   help="class-conditional with a null class (default), or unconditional")
+    p.add_argument("--cond", choices=["class", "text", "none"], default="class",
+                   help="class-conditional with a null class (default); text: conditioned on the MiniLM embedding "
+                        "of a random caption with pixel attributes per image per step ('a dark patterned dress', "
+                        "condiff.captions; needs condiff[text]), with a learned null embedding, sampled with "
+                        "condiff sample --prompt; or unconditional")
     p.add_argument("--p-uncond", type=nonneg_float, default=0.1,
-                   help="probability of dropping the class to the null phi (default 0.1)")
+                   help="probability of dropping the class or caption to the null phi (default 0.1)")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="--cond text: start from this class-conditional eps-model (same network but the condition): "
+                        "every weight copied, the null embedding from its null class, the caption projection "
+                        "fitted to its class embeddings")
     p.add_argument("--sample-every", type=int_range(0), default=0, help="write a sample grid every N steps (0 = never)")
     p.add_argument("--min-snr-gamma", type=nonneg_float, default=None,
                    help="weight the eps-loss by min(SNR, G)/SNR, SNR = abar^2/bbar^2 (Hang et al. 2023; "
@@ -547,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "scheduler config (epsilon prediction), guided with --classifier; needs condiff[diffusers]")
     p.add_argument("--class", dest="classes", action="append", default=[],
                    help="class name (case-insensitive) or index; repeat for one grid row per class")
+    p.add_argument("--prompt", dest="prompts", action="append", default=[],
+                   help="a text-conditional eps-model (condiff train --cond text) samples this caption, e.g. 'a "
+                        "dark patterned dress', with classifier-free guidance --cfg-w (eq 24); repeat for one grid "
+                        "row per prompt")
     p.add_argument("--n", "--per-class", dest="n", type=int_range(1, 100_000), default=8,
                    help="samples per class (per grid row; default 8); under torchrun write --per-class, "
                         "since torchrun's own parser rejects --n as ambiguous")

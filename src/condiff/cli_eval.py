@@ -82,8 +82,13 @@ def cmd_sweep(args) -> int:
     check_output_dir(args.out)
     options = {name: getattr(args, name) for name in ("eta", "variance") if getattr(args, name) is not None}
     sampling = Sampling(args.sampler, args.steps, args.spacing, threshold=args.threshold, options=options).validate()
+    options = dict(args.options)
+    if args.prompts:
+        if "prompts" in options:
+            raise CondiffError("give --prompts or --option prompts=..., not both")
+        options["prompts"] = args.prompts
     sweep_checkpoint(args.ckpt, args.method, args.scales, args.n, args.out, judge=args.judge, data=args.data,
-                     classes=args.classes, options=dict(args.options), classifier=args.classifier, sampling=sampling,
+                     classes=args.classes, options=options, classifier=args.classifier, sampling=sampling,
                      form=args.form, seed=args.seed, batch_size=args.batch_size, device=resolve_device(args.device),
                      progress=not args.no_progress, log=print)
     print((Path(args.out) / "results.md").read_text())
@@ -168,7 +173,8 @@ def register(sub, helpers) -> None:
     p.add_argument("--ckpt", default=None, help="eps-model checkpoint or run folder (default: the shipped "
                                                 "Fashion-MNIST model)")
     p.add_argument("--method", required=True,
-                   help="guidance family: classifier, cfg, text, image; beyond the article: cfg-interval, apg, "
+                   help="guidance family: classifier, cfg, text, image, text-cfg (a caption-conditional model, condiff train "
+                        "--cond text, on --prompts); beyond the article: cfg-interval, apg, "
                         "cfg++, autoguide, x0-classifier, x0-image (condiff.sweep_family lists their options)")
     p.add_argument("--scales", type=_scales, default=None,
                    help=f"comma-separated scales: gamma for classifier, text and image, w for cfg (default, those "
@@ -185,6 +191,10 @@ def register(sub, helpers) -> None:
                         "weak=CKPT; x0-classifier / x0-image: path=model|fixed, smoothing, samples, weight, "
                         "recurrence, interval (an unknown key is an error; the encoders default to the shipped ones "
                         "when the model makes 1x28x28 images)")
+    p.add_argument("--prompts", choices=["heldout"], default=None,
+                   help="one prompt per sample with its class and pixel attributes, in phrasings and synonyms never "
+                        "seen in training (condiff.captions), for methods text-cfg (the default there) and text; "
+                        "adds the accuracy of each attribute, by the rule the captions were made with")
     p.add_argument("--form", choices=["score", "mean"], default="score",
                    help="gradient terms as eps - bbar_t*grad (score, eq 19; default) or mean shift (eq 6; an "
                         "ancestral stochastic sampler only); not for method cfg")

@@ -53,12 +53,13 @@ __all__ = ["SweepContext", "METHODS", "get_method", "check_options", "sweep_labe
 
 #: The scales a sweep visits when none are given: those of docs/results.md, around each method's default.
 SWEEP_SCALES = {"cfg": [0.0, 1.0, 2.0, 4.0], "classifier": [0.0, 4.0, 16.0, 32.0], "text": [0.0, 100.0, 300.0],
-                "image": [0.0, 30.0, 100.0], "cfg-interval": [0.0, 1.0, 2.0, 4.0], "apg": [0.0, 1.0, 2.0, 4.0],
+                "image": [0.0, 30.0, 100.0], "text-cfg": [0.0, 1.0, 2.0, 4.0], "cfg-interval": [0.0, 1.0, 2.0, 4.0], "apg": [0.0, 1.0, 2.0, 4.0],
                 "autoguide": [0.0, 1.0, 2.0, 4.0], "cfg++": [0.0, 0.2, 0.4, 0.6, 0.8],
                 "x0-classifier": [0.0, 4.0, 16.0, 64.0], "x0-image": [0.0, 30.0, 100.0]}
 
 #: Scale meaning per method, for table headers.
-SCALE_NAMES = {"classifier": "gamma (eq 8)", "cfg": "w (eq 24; diffusers' guidance_scale = 1 + w)"}
+SCALE_NAMES = {"classifier": "gamma (eq 8)", "cfg": "w (eq 24; diffusers' guidance_scale = 1 + w)",
+               "text-cfg": "w (eq 24) of the caption-conditional model"}
 
 
 @dataclass
@@ -77,6 +78,8 @@ class SweepContext:
     device: torch.device | str = "cpu"
     options: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    prompts: list | None = None  # prompt sweeps: one condiff.captions.Caption per sample (set by run_sweep)
+    rule: object = None  # prompt sweeps: the condiff.captions.AttributeRule that scores the samples' attributes
 
     @property
     def conditional(self) -> bool:
@@ -117,7 +120,21 @@ def _cfg_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
 
 _cfg_method.option_keys = ()
 
-METHODS: dict[str, Builder] = {"classifier": _classifier_method, "cfg": _cfg_method}
+
+def _text_cfg_method(ctx: SweepContext, scale: float, labels: torch.Tensor):
+    """Text to image by CFG (the article's second route): a caption-conditional model (condiff train --cond text)
+    at weight w = scale (eq 24), each sample's condition the MiniLM embedding of its prompt."""
+    if not getattr(ctx.model, "cond_dim", None):
+        raise CondiffError("method text-cfg needs a text-conditional eps-model (condiff train --cond text)")
+    from .similarity.sweep_methods import prompt_embeddings
+
+    _, emb = prompt_embeddings(ctx, labels)
+    return Guidance(cfg_w=scale), {"y": emb}
+
+
+_text_cfg_method.option_keys = ("prompts",)
+
+METHODS: dict[str, Builder] = {"classifier": _classifier_method, "cfg": _cfg_method, "text-cfg": _text_cfg_method}
 METHODS.update(FAMILY_METHODS)  # issue 16: cfg-interval, apg, cfg++, autoguide, x0-classifier, x0-image
 SCALE_NAMES.update({"cfg-interval": "w (eq 24)", "apg": "w (eq 24)", "cfg++": "CFG++ lambda", "autoguide": "w",
                     "x0-classifier": "gamma (x0-guidance)", "x0-image": "gamma (x0-guidance)"})
@@ -154,6 +171,31 @@ def sweep_labels(n: int, classes: list[int]) -> torch.Tensor:
     if not classes:
         raise CondiffError("a sweep needs at least one class")
     return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long)
+
+
+#: ``--option prompts=...`` (``condiff sweep --prompts``): the prompt sets a prompt sweep draws its rows from.
+PROMPT_SETS = ("heldout",)
+#: Methods that sample prompts, and the prompt set they use when none is given.
+PROMPT_METHODS = {"text-cfg": "heldout"}
+
+
+def prompt_rows(class_names: list[str], labels: torch.Tensor, which: str = "heldout") -> list:
+    """One prompt per sample: row i of class k gets class k's prompts of set ``which`` in turn
+    (:func:`condiff.captions.heldout_prompts`: every combination of its attributes, held-out phrasing)."""
+    from .captions import heldout_prompts
+
+    if which not in PROMPT_SETS:
+        raise CondiffError(f"unknown prompt set {which!r} (known: {', '.join(PROMPT_SETS)})")
+    by_class: dict[int, list] = {}
+    for p in heldout_prompts(class_names):
+        by_class.setdefault(p.label, []).append(p)
+    seen: dict[int, int] = {}
+    rows = []
+    for k in labels.tolist():
+        j = seen.get(k, 0)
+        seen[k] = j + 1
+        rows.append(by_class[k][j % len(by_class[k])])
+    return rows
 
 
 def _guidance_at(ctx: SweepContext, builder: Builder, scale: float, labels: torch.Tensor, form: str):
@@ -222,6 +264,11 @@ def run_sweep(ctx: SweepContext, method: str, scales: list[float], n: int, out_d
     out = Path(out_dir)
     classes = list(range(len(ctx.class_names))) if classes is None else list(classes)
     labels = sweep_labels(n, classes)
+    which = ctx.options.get("prompts") or PROMPT_METHODS.get(method)
+    if which:  # each sample has a prompt: its class, and attribute targets scored by the pixel rule
+        if ctx.rule is None:
+            raise CondiffError("a prompt sweep needs the attribute rule that scores the samples (condiff.captions)")
+        ctx.prompts = prompt_rows(ctx.class_names, labels, str(which))
     if n < 2 * len(classes) or n <= max(evaluator.k_pr, evaluator.k_dc):
         raise CondiffError(f"--n {n} is too small: need at least 2 samples per class and more than "
                            f"{max(evaluator.k_pr, evaluator.k_dc)} in all")
@@ -231,7 +278,7 @@ def run_sweep(ctx: SweepContext, method: str, scales: list[float], n: int, out_d
         guidance, _ = _guidance_at(ctx, builder, scale, labels[:1], form)
         compose(ctx.model, ctx.schedule, guidance, sampling)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"method": method, "n": n, "classes": [ctx.class_names[c] for c in classes], "steps": sampling.steps,
+    settings = {"method": method, "n": n, **({"prompts": str(which)} if which else {}), "classes": [ctx.class_names[c] for c in classes], "steps": sampling.steps,
                 "sampler": sampling.sampler, "eta": sampling.options.get("eta", 0.0), "form": form, "seed": seed,
                 "model": source, "options": {k: str(v) for k, v in sorted(ctx.options.items())}}
     if sampling.spacing != "linspace" or sampling.threshold is not None or set(sampling.options) - {"eta"}:
@@ -256,9 +303,14 @@ def run_sweep(ctx: SweepContext, method: str, scales: list[float], n: int, out_d
         idx, k = _grid_indices(labels, classes)
         save_grid(x[idx], out / f"grid-scale-{tag}.png", nrow=k)
         metrics = evaluator.evaluate(x, labels)
+        if ctx.prompts is not None:  # accuracy of each attribute the prompts state, by the same pixel rule
+            targets = torch.tensor([p.attrs for p in ctx.prompts])
+            for a, acc in ctx.rule.accuracy(x, labels, targets).items():
+                metrics[f"attr_{a}"] = acc
         rows.append(dict(scale=scale, seconds=seconds, seconds_per_image=seconds / n, **metrics))
         if log:
-            log(f"scale {tag}: judge accuracy {metrics['judge_accuracy']:.3f}, FID_fm {metrics['fid_fm']:.2f}, "
+            attrs = "".join(f", {k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("attr_") and v is not None)
+            log(f"scale {tag}: judge accuracy {metrics['judge_accuracy']:.3f}{attrs}, FID_fm {metrics['fid_fm']:.2f}, "
                 f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f}, "
                 f"diversity {metrics['diversity']:.3f} ({seconds:.0f} s sampling)")
     result = {"settings": settings, "rows": rows}
@@ -289,14 +341,15 @@ def write_tables(result: dict, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows, st = result["rows"], result["settings"]
     classes = st["classes"]
+    attr_cols = [k for k in (rows[0] if rows else {}) if k.startswith("attr_")]
     atomic_write_text(out / "results.json", to_json(result))
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS + [f"{k}_real" for k in ("precision", "recall", "density", "coverage")]
+    w.writerow(CSV_COLUMNS + attr_cols + [f"{k}_real" for k in ("precision", "recall", "density", "coverage")]
                + [f"judge_accuracy[{c}]" for c in classes])
     for r in rows:
-        w.writerow([_f(r.get(k), ".6g") for k in CSV_COLUMNS]
+        w.writerow([_f(r.get(k), ".6g") for k in CSV_COLUMNS + attr_cols]
                    + [_f(r["real"][k], ".6g") for k in ("precision", "recall", "density", "coverage")]
                    + [_f(r["per_class"].get(c, {}).get("judge_accuracy"), ".6g") for c in classes])
     atomic_write_text(out / "results.csv", buf.getvalue())
@@ -315,14 +368,21 @@ def write_tables(result: dict, out_dir: str | Path) -> list[Path]:
           "| scale | judge acc | judge conf | FID_fm | precision | recall | density | coverage | diversity "
           "| div / real | s / image |",
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if attr_cols:
+        md[-2] = md[-2].replace("| judge acc |", "| judge acc | " + " | ".join(k[5:] for k in attr_cols) + " |")
+        md[-1] = md[-1].replace("|---:|---:|", "|---:|---:|" + "---:|" * len(attr_cols), 1)
+        md[-2:-2] = [f"Prompts: `{st.get('prompts')}` (condiff.captions: one prompt per sample, stating its class "
+                     "and attributes; each attribute column is the share of samples whose pixels show the stated "
+                     "value, by the rule the captions were made with, over the prompts that state it).", ""]
     for r in rows:
-        md.append(f"| {r['scale']:g} | {_f(r['judge_accuracy'])} | {_f(r['judge_confidence'])} "
+        attrs = "".join(f" {_f(r[k])} |" for k in attr_cols)
+        md.append(f"| {r['scale']:g} | {_f(r['judge_accuracy'])} |{attrs} {_f(r['judge_confidence'])} "
                   f"| {_f(r['fid_fm'], '.2f')} | {_f(r['precision'])} | {_f(r['recall'])} | {_f(r['density'])} "
                   f"| {_f(r['coverage'])} | {_f(r['diversity'], '.2f')} | {_f(r['diversity_ratio'], '.2f')} "
                   f"| {_f(r['seconds_per_image'], '.3f')} |")
     if rows:
         f = _real(rows[0])
-        md.append(f"| real data | {_f(f['judge_accuracy'])} | {_f(f['judge_confidence'])} | {_f(f['fid_fm'], '.2f')} "
+        md.append(f"| real data | {_f(f['judge_accuracy'])} |{' |' * len(attr_cols)} {_f(f['judge_confidence'])} | {_f(f['fid_fm'], '.2f')} "
                   f"| {_f(f['precision'])} | {_f(f['recall'])} | {_f(f['density'])} | {_f(f['coverage'])} "
                   f"| {_f(f['diversity'], '.2f')} | 1.00 | |")
         md += ["", "Per-class judge accuracy:", "",
@@ -413,6 +473,16 @@ def sweep_checkpoint(ckpt, method: str, scales: list[float] | None, n: int, out_
     train_data, test_data = load_real_data(data if data is not None else jconf.get("data"), shape)
     evaluator = Evaluator(judge_net, train_data, test_data, jnames or names, device=device, seed=seed)
     ctx = SweepContext(model, schedule, shape, names, device, options)
+    if options.get("prompts") or method in PROMPT_METHODS:  # the rule the model's captions were made with
+        from .captions import AttributeRule, heldout_prompts
+        from .text_cfg import attribute_rule, is_text_conditional
+
+        if method == "text-cfg" and not is_text_conditional(config):
+            raise CondiffError("method text-cfg needs a text-conditional eps-model (condiff train --cond text)")
+        heldout_prompts(names)  # classes without caption nouns: one line, before any work
+
+        ctx.rule = attribute_rule(config) if is_text_conditional(config) else \
+            AttributeRule.fit(train_data.images, train_data.labels, names)
     return run_sweep(ctx, method, scales, n, out_dir, evaluator, classes=classes, sampling=sampling, form=form,
                      seed=seed, batch_size=batch_size, progress=progress,
                      source=str(resolve_checkpoint(ckpt if ckpt is not None else shipped("diffusion"))),

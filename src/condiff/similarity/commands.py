@@ -52,6 +52,10 @@ def add_train_encoder_parser(sub, add_train_common, helpers) -> argparse.Argumen
                         f"added to the contrastive loss (default {DEFAULT_ALIGN:g}; 0 = contrastive only)")
     p.add_argument("--init", default=None,
                    help="text: initialise E1 from this image-encoder checkpoint (same --channels/--blocks/--dim)")
+    p.add_argument("--captions", choices=["classes", "attributes"], default="classes",
+                   help="text: captions that name the class (default), or that state the class and its pixel "
+                        "attributes (dark/light, plain/patterned, slim/wide; condiff.captions): each image is "
+                        "aligned with the captions of its own class and attributes, so --text steers attributes too")
     p.set_defaults(func=cmd_train_encoder, helpers=helpers)
     return p
 
@@ -85,6 +89,8 @@ def cmd_train_encoder(args) -> int:
         raise CondiffError("train-encoder does not support --compile")
     if args.kind == "image" and args.init:
         raise CondiffError("--init applies to --kind text (E1 of an image encoder as the starting point)")
+    if args.kind == "image" and args.captions != "classes":
+        raise CondiffError("--captions applies to --kind text")
     device = resolve_device(args.device)
     _load_data, _train_config = args.helpers.load_data, args.helpers.train_config
     data = _load_data(args)
@@ -113,12 +119,19 @@ def cmd_train_encoder(args) -> int:
         label = "held-out E1 nearest-prototype accuracy by t-range"
     else:
         final = train_text_encoder(data, args.out, schedule, text, cfg=_train_config(args), align=args.align,
-                                   init=args.init, **common)
-        enc, _ = load_encoder(final, "text", device)
+                                   init=args.init, captions=args.captions, **common)
+        enc, enc_config = load_encoder(final, "text", device)
         task = TextAlignTask.for_encoder(enc, schedule, tau, align=args.align)
         score = lambda x, t: task.class_logits(enc(x, t, "text"))  # noqa: E731
         label = "held-out caption-retrieval accuracy by t-range"
-    acc = classifier_accuracy_by_t(score, schedule, _held_out(args, data), n=1000, device=device)
+    held_out = _held_out(args, data)
+    if args.kind == "text" and args.captions == "attributes":  # retrieval of the class and all its attributes
+        from ..captions import AttributeRule
+        from .tasks import attribute_dataset
+
+        held_out, _ = attribute_dataset(held_out, AttributeRule.from_config(enc_config["attribute_rule"]))
+        label = "held-out caption-retrieval accuracy (class and attributes) by t-range"
+    acc = classifier_accuracy_by_t(score, schedule, held_out, n=1000, device=device)
     print(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     print(f"final checkpoint: {final}")
     return 0

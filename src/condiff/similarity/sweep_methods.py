@@ -21,7 +21,7 @@ from ..errors import CondiffError
 from .captions import class_phrases
 from .terms import EmbeddingSimilarity, ImageSimilarity, TextSimilarity, load_encoder, text_target
 
-__all__ = ["SWEEP_METHODS", "class_references"]
+__all__ = ["SWEEP_METHODS", "class_references", "prompt_embeddings"]
 
 
 def _option(ctx, key: str, method: str, what: str) -> str:
@@ -41,6 +41,25 @@ def _number(ctx, key: str) -> float | None:
 
 
 
+def prompt_embeddings(ctx, labels: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """(the prompts of the first len(labels) samples, their MiniLM embeddings (N, D)); each distinct prompt is
+    encoded once per sweep (the text encoder: ``ctx.cache["minilm"]``, loaded on first use)."""
+    if ctx.prompts is None:
+        raise CondiffError("this method samples prompts: give a prompt set (condiff sweep --prompts heldout)")
+    rows = ctx.prompts[:len(labels)]
+    if [p.label for p in rows] != labels.tolist():
+        raise CondiffError("the sweep's prompts do not match its target classes")
+    if "minilm" not in ctx.cache:
+        from .text import load_text_encoder
+
+        ctx.cache["minilm"] = load_text_encoder(ctx.device)
+    memo = ctx.cache.setdefault("prompt_emb", {})
+    todo = sorted({p.text for p in rows} - set(memo))
+    if todo:
+        memo.update(zip(todo, torch.as_tensor(ctx.cache["minilm"].encode(todo)).float().cpu()))
+    return rows, torch.stack([memo[p.text] for p in rows])
+
+
 def _text_method(ctx, scale: float, labels: torch.Tensor):
     """Text guidance toward each sample's class prompt: sim = cos(proj(E1(x_t, t)), E_text(prompt_k)).
 
@@ -58,10 +77,13 @@ def _text_method(ctx, scale: float, labels: torch.Tensor):
         ctx.cache["text"] = (enc, text_target(enc, load_text_encoder(ctx.device).encode(prompts), prior))
     enc, emb = ctx.cache["text"]
     term = TextSimilarity(lambda x, t: enc(x, t, "text"), None, scale)  # each row's target: cond["text"]
+    if ctx.prompts is not None:  # a prompt sweep (--prompts heldout): each sample's own prompt, same targets rule
+        target = text_target(enc, prompt_embeddings(ctx, labels)[1], _number(ctx, "text_prior"))
+        return Guidance(unconditional=ctx.conditional, terms=[term]), {"y": labels, "text": target}
     return Guidance(unconditional=ctx.conditional, terms=[term]), {"y": labels, "text": emb[labels.cpu()]}
 
 
-_text_method.option_keys = ("text_encoder", "text_prior", r"prompt\d+")
+_text_method.option_keys = ("text_encoder", "text_prior", r"prompt\d+", "prompts")
 
 
 def class_references(ctx) -> ImageSimilarity:

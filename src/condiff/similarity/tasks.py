@@ -195,13 +195,15 @@ class TextAlignTask:
         return loss, _by_t_range("acc", logits.argmax(1) == y, t, self.schedule.T)
 
 
-def caption_bank(class_names: list[str], text_encoder, cache: str | Path | None = None):
+def caption_bank(class_names: list[str], text_encoder, cache: str | Path | None = None,
+                 captions: tuple[list[str], list[int]] | None = None):
     """Captions of every class, their embeddings (M, D) and labels (M,), computed once per run.
 
     With ``cache`` (a .safetensors path) the embeddings are stored there with the
     caption list and reused when the captions and the text model are the same.
+    ``captions``: (texts, labels) instead of :func:`~.captions.training_captions` of the classes.
     """
-    texts, labels = training_captions(class_names)
+    texts, labels = captions if captions is not None else training_captions(class_names)
     key = json.dumps({"model": text_encoder.name, "captions": texts})
     if cache is not None and Path(cache).is_file():
         try:
@@ -253,7 +255,7 @@ def train_image_encoder(data: ImageDataset, out: str | Path, schedule: Schedule,
 def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, text_encoder, *, arch: dict,
                        dim: int = 64, cfg: TrainConfig, tau: float = 0.07, t_max: int | None = None,
                        align: float = DEFAULT_ALIGN, init: str | Path | None = None, meta: dict | None = None,
-                       device="cpu", resume: bool = True, progress: bool = True) -> Path:
+                       device="cpu", resume: bool = True, progress: bool = True, captions: str = "classes") -> Path:
     """Align proj(E1(x_t, t)) with caption embeddings of the data's classes; returns the final checkpoint.
 
     Args:
@@ -261,6 +263,9 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
             ``name``, ``dim`` and ``encode(list[str]) -> (N, dim)``).
         align: weight of :class:`TextAlignTask`'s alignment term.
         init: an image-encoder checkpoint whose E1 initialises this E1 (same architecture).
+        captions: "classes" (captions name the class) or "attributes": the captions state the class and its
+            pixel attributes (:func:`attribute_dataset`), each image is aligned with the captions of its own
+            class and attributes, and the stored bank maps prompts onto (class, attributes) combinations.
     """
     from ..checkpoints import load_model
 
@@ -268,9 +273,19 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
     if not data.class_names:
         raise CondiffError("text alignment needs class names (Fashion-MNIST, an image folder, or an .npz "
                            "with class_names)")
+    if captions not in CAPTION_KINDS:
+        raise CondiffError(f"captions must be one of {', '.join(CAPTION_KINDS)}, got {captions!r}")
+    texts_labels = None
+    if captions == "attributes":
+        from ..captions import combo_captions
+
+        data, rule = attribute_dataset(data)
+        texts_labels = combo_captions(data.class_names)
+        meta = dict(meta or {}, caption_set="attributes", attribute_rule=rule.config())
     torch.manual_seed(cfg.seed)  # the initial weights follow the seed, as in train()
+    n_captions = len((texts_labels or training_captions(data.class_names))[1])
     enc = SimilarityEncoder(**_arch(data, arch), dim=dim, clean=False, text_dim=text_encoder.dim,
-                            captions=len(training_captions(data.class_names)[1])).to(device)
+                            captions=n_captions).to(device)
     if init is not None:  # checked before anything is written
         src, src_cfg = load_model(init, device)
         if src_cfg.get("task") != "encoder" or src.e1.config != enc.e1.config:
@@ -280,7 +295,7 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
     cache = out / "captions.safetensors"
     created = [p for p in (cache, cache.with_suffix(".json"), out, *out.parents) if not p.exists()]
     try:
-        _, bank, labels = caption_bank(data.class_names, text_encoder, cache)
+        _, bank, labels = caption_bank(data.class_names, text_encoder, cache, texts_labels)
         enc.set_captions(bank, labels)  # saved with the weights: guidance maps prompts onto it
         meta = dict(meta or {}, schedule=schedule.config(), text_model=text_encoder.name)
         return train(enc, TextAlignTask.for_encoder(enc, schedule, tau, t_max, align), data, cfg, out, meta=meta,
@@ -288,6 +303,20 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
     except BaseException:
         _remove_unless_started(out, created)
         raise
+
+
+CAPTION_KINDS = ("classes", "attributes")
+
+
+def attribute_dataset(data: ImageDataset, rule=None):
+    """(``data`` with each label replaced by its :func:`condiff.captions.attribute_combos` index, the rule):
+    the targets of text alignment with attribute captions; the rule is fitted on ``data`` unless given."""
+    from ..captions import AttributeRule, combo_labels
+
+    rule = rule or AttributeRule.fit(data.images, data.labels, data.class_names)
+    attrs = torch.cat([rule.attributes(data.images[i:i + 10_000], data.labels[i:i + 10_000])
+                       for i in range(0, len(data), 10_000)])
+    return ImageDataset(data.images, combo_labels(data.labels, attrs, data.class_names), data.class_names), rule
 
 
 def _remove_unless_started(out: Path, created: list[Path]) -> None:
