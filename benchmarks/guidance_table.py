@@ -81,8 +81,16 @@ class Row:
         return f"{self.scale:g}" + (f" ({opts})" if opts else "")
 
 
+def _shown(path: str) -> str:
+    """A model path as the docs show it: relative to the checkout when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def default_rows(interval: tuple[int, int] = INTERVAL) -> list[Row]:
-    """The issue's rows, with the few scales each goal needs (20 rows: ~30 min in 2 lanes at --n 500 --n-goal 1000,
+    """The issue's rows, with the few scales each goal needs (21 rows: ~30 min in 2 lanes at --n 500 --n-goal 1000,
     from --estimate on 2026-11-30 for 24 rows: 3835 CPU s of sampling + ~200 CPU s of scoring; four were dropped
     to fit the release's evaluation: APG w = 4 without rescale, CFG++ lambda = 0.4, eps fixed at gamma = 16, and
     E2 at gamma = 300)."""
@@ -91,7 +99,7 @@ def default_rows(interval: tuple[int, int] = INTERVAL) -> list[Row]:
     rows = [Row("unguided", "unguided", "cfg", 0.0, label="unguided (conditional model, w = 0)")]
     rows += [Row(f"cfg-{w:g}", "cfg", "cfg", w, goal=True, label=f"CFG w = {w:g}") for w in (1.0, 2.0, 3.0)]
     rows += [Row(f"cfgi-{w:g}", "cfg-interval", "cfg-interval", w, (("interval", iv),), goal=True,
-                 label=f"CFG w = {w:g}, interval t in [{iv}]") for w in (3.0, 5.0)]
+                 label=f"CFG w = {w:g}, interval t in [{iv}]") for w in (2.0, 3.0, 5.0)]
     rows += [Row(f"apg-{w:g}", "apg", "apg", w, goal=True, label=f"APG w = {w:g} (eta 0)") for w in (2.0,)]
     rows += [Row("apg-4-m", "apg", "apg", 4.0, (("momentum", "-0.5"), ("rescale", "4")), goal=True,
                  label="APG w = 4 (eta 0, rescale 4, momentum -0.5)")]
@@ -505,7 +513,7 @@ def goal_noisy_encoder(rows: list[dict]) -> dict:
             f"clean E2 on x0 ({b['label']}): {b['judge_accuracy']:.3f}, FID_fm {b['fid_fm']:.2f}, "
             f"{b['diversity_ratio']:.2f}, {b['seconds_per_image']:.3f} s/image ({calls_text(b['calls'])}). "
             f"Training on noisy inputs buys {a['judge_accuracy'] - b['judge_accuracy']:+.3f} judge accuracy and "
-            f"{b['fid_fm'] - a['fid_fm']:+.2f} FID_fm at {a['seconds_per_image'] / b['seconds_per_image']:.2f}x the "
+            f"{b['fid_fm'] - a['fid_fm']:.2f} lower FID_fm at {a['seconds_per_image'] / b['seconds_per_image']:.2f}x the "
             "sampling time of the x0 route; its price is E1's fine-tuning on noisy images (see the encoder's model card)")
     return _goal(4, title, True, text, e1=a["id"], e2=b["id"], accuracy_gain=a["judge_accuracy"] - b["judge_accuracy"],
                  fid_gain=b["fid_fm"] - a["fid_fm"], time_ratio=a["seconds_per_image"] / b["seconds_per_image"])
@@ -550,7 +558,7 @@ def table_md(result: dict, grid_prefix: str = "grids/") -> str:
           f"(eta {st['eta_cfg']:g} for the CFG family, {st['eta_grad']:g} for gradient guidance), seed {st['seed']}, "
           f"classes balanced, {st['n']} samples per row and {st['n_goal']} for the rows a goal is judged on; "
           f"{st['jobs']} lane(s) of one thread. Models: "
-          + ", ".join(f"{role} `{path}` ({st['fingerprints'][role]})" for role, path in sorted(st['models'].items()))
+          + ", ".join(f"{role} `{_shown(path)}` ({st['fingerprints'][role]})" for role, path in sorted(st['models'].items()))
           + ". Calls count every forward (and `b`: backward) pass per image of the eps-model, the weak model and "
             "the guiding network.", ""]
     md += ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---:|---:|---|"]

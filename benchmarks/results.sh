@@ -70,7 +70,7 @@ judge_acc=$(grep -ao "test accuracy (held-out split): [0-9.]*" "$JUDGE/README.md
   echo
   echo "Summary: judge accuracy at the first scale and at its best, the lowest FID_fm, and diversity (relative"
   echo "to real data) from the smallest to the largest scale: relevance rises and diversity falls as the scale"
-  echo "grows (the article's trade-off). The recommended scale (the default, \\`condiff.compose.DEFAULT_SCALES\\`;"
+  echo "grows (the article's trade-off). The recommended scale (the default, \`condiff.compose.DEFAULT_SCALES\`;"
   echo "docs/which-method.md) balances the two: the lowest FID_fm unless accuracy is still clearly rising."
   echo
   echo "| method | scales | judge accuracy: first scale -> best (at scale) | lowest FID_fm (at scale) | diversity / real: first -> last scale |"

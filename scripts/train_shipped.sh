@@ -49,7 +49,7 @@ CMD_TEXT_CFG="train --cond text --init $DEST/fashion-cfg --out $RUNS/text-cfg --
 # Text similarity guidance that steers attributes too (issue 20, the SDG route): enc-text's recipe, with E1 aligned
 # to captions of each image's class and pixel attributes (66 combinations; 1,452 captions in the stored bank).
 CMD_ENC_TEXT_ATTR="train-encoder --kind text --captions attributes --init $RUNS/enc-image --out $RUNS/enc-text-attr --steps 1500 --ema-decay 0.995 --ckpt-every 100 --seed 0 --lr-schedule cosine"
-WEAK_STEP=${WEAK_STEP:-300}  # autoguidance's weak model: the eps-model run's post-hoc EMA snapshot at this step
+WEAK_STEP=${WEAK_STEP:-1800}  # autoguidance's weak model: the eps-model run's post-hoc EMA snapshot at this step
 
 stage() {  # stage NAME COMMAND...: run one training command, log its output and wall time
   local name=$1; shift
@@ -90,8 +90,9 @@ export_weak() {  # autoguidance's weak model: an early post-hoc EMA snapshot of 
   local snap
   snap=$(printf '%s/cfg/posthoc-ema/step-%07d/sigma-0.050' "$RUNS" "$WEAK_STEP")
   "$CONDIFF" export --ckpt "$snap" --out "$DEST/fashion-cfg-weak" \
-    --command "condiff $CMD_CFG (post-hoc EMA sigma_rel 0.05 at step $WEAK_STEP)" \
-    --metric "role=the weak model of autoguidance (--autoguide) for fashion-cfg: the same run at step $WEAK_STEP"
+    --command "condiff $CMD_CFG  # the weak model: its post-hoc EMA snapshot $snap" \
+    --metric "role=the weak model of autoguidance (condiff sample --autoguide) for fashion-cfg" \
+    --metric "trained steps=$WEAK_STEP of the run's $(grep -o -- '--steps [0-9]*' <<< "$CMD_CFG" | cut -d' ' -f2) (post-hoc EMA, sigma_rel 0.05); the card's steps line is the run's target"
 }
 
 run_stage() {

@@ -142,14 +142,14 @@ def test_demo_writes_every_section_and_an_index(trained, tmp_path):
     files = sorted(f.name for f in (tmp_path / "demo").iterdir())
     grids = [f for f in files if f.endswith(".png")]
     assert "index.html" in files and "report.md" in files
-    assert {"unguided.png", "cfg-w0.png", "cfg-w2.png", "cfg-w4.png", "classifier-g0.png", "classifier-g16.png"} <= set(grids)
+    assert {"unguided.png", "cfg-w0.png", "cfg-w1.png", "cfg-w3.png", "classifier-g0.png", "classifier-g16.png"} <= set(grids)
     page = (tmp_path / "demo" / "index.html").read_text()
     report = (tmp_path / "demo" / "report.md").read_text()
     for g in grids:  # every grid is laid out and labelled in both
         assert f"src='{g}'" in page and f"({g})" in report
-    assert "gamma = 16" in page and "w = 2 (s = 3)" in page
+    assert "gamma = 16" in page and "w = 1 (s = 2)" in page
     assert "grid 1 of" not in p.stderr  # --no-progress: silent
-    assert "auto (unipc, or dpm++2m-sde with gradient terms), 5 steps" in page and "condiff sample --ckpt" in report and "--cfg-w 2" in report
+    assert "auto (unipc, or dpm++2m-sde with gradient terms), 5 steps" in page and "condiff sample --ckpt" in report and "--cfg-w 1" in report
 
 
 def test_demo_shows_progress_unless_told_not_to(trained, tmp_path):

@@ -458,6 +458,8 @@ def test_sample_flags_of_the_family(tmp_path):
         "apg": ["--cfg-w", "2", "--apg", "--apg-rescale", "5", "--apg-momentum", "-0.5"],
         "cfgpp": ["--cfg-pp", "0.6"],
         "auto": ["--cfg-w", "1", "--autoguide", cfg, "--sampler", "heun"],
+        "x0-shipped": ["--x0-guidance", "--x0-scale", "2"],  # the flag alone: the shipped clean classifier
+        "auto-shipped": ["--cfg-w", "1", "--autoguide"],  # the flag alone: the shipped weak model
     }
     for name, flags in runs.items():
         code, out, err = run_cli_inprocess(base + flags + ["--out", str(tmp_path / f"{name}.png"),
@@ -473,6 +475,7 @@ def test_sample_flags_of_the_family(tmp_path):
         ("--cfg-w", "1", "--cfg-pp", "0.5"): "--cfg-pp replaces --cfg-w",
         ("--cfg-w", "1", "--guidance-interval", "0,10"): "needs gradient terms",
         ("--x0-guidance", clf, "--form", "mean", "--sampler", "ddpm", "--recurrence", "2"): "use form score",
+        ("--ckpt", cfg, "--cfg-w", "1", "--autoguide"): "give --autoguide CKPT, a weaker model of your own",
     }
     for flags, message in bad.items():
         code, out, err = run_cli_inprocess(base + list(flags) + ["--out", str(tmp_path / "bad.png")])

@@ -162,7 +162,7 @@ def test_replace_dir_swaps_whole_folders(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------- 2. checksums
 def test_every_shipped_model_carries_checksums_that_verify_and_ship_in_the_package():
     folders = [zoo.models_dir() / name for name in zoo.SHIPPED.values()]
-    assert len(folders) == 5
+    assert len(folders) == len(zoo.SHIPPED) == 7
     for folder in folders:
         listed = (folder / MANIFEST).read_text().split()[1::2]
         assert listed == ["config.json", "model.safetensors"], folder
