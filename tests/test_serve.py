@@ -385,9 +385,14 @@ def test_page_in_headless_chromium(server, browser, models, tmp_path, record_pro
     (strip,) = _read(browser, "#strip img", "src")
     assert Image.open(io.BytesIO(_get(strip))).size[0] > 0
     (command,) = _read(browser, "#command textarea", "value")
-    assert command.startswith("condiff sample --class Sneaker --cfg-w 2 ") and "--seed 11" in command
+    from condiff.compose import DEFAULT_SCALES
+    from condiff.serve import STRIP_FACTORS
+
+    w = DEFAULT_SCALES["cfg"]  # the page's default, the library's
+    assert command.startswith(f"condiff sample --class Sneaker --cfg-w {w:g} ") and "--seed 11" in command
     summary = "".join(_read(browser, "#summary"))
-    assert "4 images" in summary and "Scale strip" in summary and "w 0 | w 1 | w 2 | w 4" in summary, summary
+    strip = " | ".join(f"w {f * w:g}" for f in STRIP_FACTORS)  # w 0 | w 0.5 | w 1 | w 2
+    assert "4 images" in summary and "Scale strip" in summary and strip in summary, summary
     assert _read(browser, "#condiff-progress progress", "value") == ["25"]  # 5 steps x (grid + 4 strip scales)
 
     # 2. add a reference image (CFG + reference-image guidance)
