@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from .cli_family import SHIPPED_ARG  # a model flag without a value (--classifier): the shipped model
+from .cli_family import SHIPPED_ARG, shipped_or  # a model flag without a value (--classifier): the shipped model
 from .errors import CondiffError
 from .validation import (MAX_LEVELS, MAX_WIDTH, check_output_dir, describe_unexpected, finite_float, float_range,
                          int_range, key_value, nonneg_float, one_line, seed, timestep_interval)
@@ -381,8 +381,7 @@ def cmd_sample(args) -> int:
     args.use_shipped = args.ckpt is None and args.diffusers_model is None
     if args.use_shipped:  # the models shipped in the package (condiff.zoo): the eps-model and its companions
         args.ckpt = str(shipped("diffusion"))
-    if args.classifier == SHIPPED_ARG:
-        args.classifier = str(shipped("classifier"))
+    args.classifier = shipped_or(args.classifier, "classifier")
     if args.diffusers_model is not None:
         from .checkpoints import read_config, resolve_checkpoint
         from .interop import load_diffusers

@@ -13,9 +13,18 @@ import argparse
 from .errors import CondiffError
 from .validation import float_range, int_range, nonneg_float, timestep_interval
 
-__all__ = ["SHIPPED_ARG", "add_family_sample_args", "check_family_args", "family_guidance"]
+__all__ = ["SHIPPED_ARG", "shipped_or", "add_family_sample_args", "check_family_args", "family_guidance"]
 
 SHIPPED_ARG = "@shipped"  # a model flag given without a value: the shipped model of its role (condiff.zoo)
+
+
+def shipped_or(value, role: str):
+    """A model flag's value, with SHIPPED_ARG (the flag alone) replaced by the shipped model of ``role``."""
+    if value != SHIPPED_ARG:
+        return value
+    from .zoo import shipped
+
+    return str(shipped(role))
 
 
 def add_family_sample_args(p: argparse.ArgumentParser) -> None:
@@ -100,16 +109,12 @@ def family_guidance(args, model, schedule, shape, device) -> tuple[list, dict]:
     from .pipeline import load_classifier, load_diffusion
     from .x0guidance import X0Term, at_t0, clean_classifier
 
-    from .zoo import shipped
-
     terms, fields = [], {}
-    if args.x0_guidance == SHIPPED_ARG:
-        args.x0_guidance = str(shipped("clean-classifier"))
-    if args.autoguide == SHIPPED_ARG:
-        if not getattr(args, "use_shipped", False):
-            raise CondiffError("--autoguide alone means the shipped weak model, which guides only the shipped "
-                               "eps-model: give --autoguide CKPT, a weaker model of your own")
-        args.autoguide = str(shipped("weak-diffusion"))
+    args.x0_guidance = shipped_or(args.x0_guidance, "clean-classifier")
+    if args.autoguide == SHIPPED_ARG and not getattr(args, "use_shipped", False):
+        raise CondiffError("--autoguide alone means the shipped weak model, which guides only the shipped "
+                           "eps-model: give --autoguide CKPT, a weaker model of your own")
+    args.autoguide = shipped_or(args.autoguide, "weak-diffusion")
     if args.x0_guidance:
         clf, _ = load_classifier(args.x0_guidance, device, args.trust_pickle)
         smoothing = args.x0_smoothing or 0.0
