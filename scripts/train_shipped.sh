@@ -76,7 +76,10 @@ print("judge accuracy by %s scale (%d samples each, %s-%d, eta %g)=%s" % (sys.ar
       st["steps"], st["eta"], ", ".join("%g: %.3f" % (r["scale"], r["judge_accuracy"]) for r in rows)))
 PY
   fi
-  printf -- '--metric\nguidance results=docs/results.md and docs/similarity.md (benchmarks/results.sh)\n'
+  case $1 in
+    text-cfg|enc-text-attr) printf -- '--metric\nguidance results=docs/text-to-image.md (benchmarks/text_routes.sh)\n' ;;
+    *) printf -- '--metric\nguidance results=docs/results.md and docs/similarity.md (benchmarks/results.sh)\n' ;;
+  esac
   if [ "$1" = cfg ] && [ -n "${CFG_WALL:-}" ]; then printf -- '--metric\nwall time=%s\n' "$CFG_WALL"; fi
 }
 

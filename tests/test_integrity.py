@@ -162,7 +162,7 @@ def test_replace_dir_swaps_whole_folders(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------- 2. checksums
 def test_every_shipped_model_carries_checksums_that_verify_and_ship_in_the_package():
     folders = [zoo.models_dir() / name for name in zoo.SHIPPED.values()]
-    assert len(folders) == len(zoo.SHIPPED) == 7
+    assert len(folders) == len(zoo.SHIPPED) == 9
     for folder in folders:
         listed = (folder / MANIFEST).read_text().split()[1::2]
         assert listed == ["config.json", "model.safetensors"], folder
@@ -174,6 +174,19 @@ def test_every_shipped_model_carries_checksums_that_verify_and_ship_in_the_packa
     assert any(f.endswith(MANIFEST) for f in files)
     unshipped = [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)]
     assert not unshipped
+
+
+def test_a_shipped_model_is_named_by_its_folder_and_a_local_path_wins(tmp_path, monkeypatch):
+    from condiff.checkpoints import read_config, resolve_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint("fashion-judge") == zoo.models_dir() / "fashion-judge"
+    assert read_config(resolve_checkpoint("fashion-text-attr-encoder"))["network"]["kind"] == "similarity-encoder"
+    local = shutil.copytree(zoo.models_dir() / "fashion-judge", tmp_path / "fashion-judge")
+    assert resolve_checkpoint("fashion-judge") == Path("fashion-judge") and local.is_dir()
+    with pytest.raises(CondiffError, match=r"checkpoint not found: fashion-jugde \(.*shipped model's name: "
+                                           r"fashion-cfg, .*fashion-text-cfg"):
+        resolve_checkpoint("fashion-jugde")
 
 
 def test_a_flipped_byte_in_a_shipped_model_is_an_error(tmp_path):

@@ -353,3 +353,35 @@ def test_unknown_classes_are_one_line_errors(tmp_path, fake_minilm):
     rc, _, err = run_cli_inprocess(["train", "--cond", "text", "--data", npz, "--out", tmp_path / "r", "--steps", "1",
                                     "--batch-size", "8", "--channels", "8", "--stem", "1", "--device", "cpu"])
     assert rc == 2 and "no caption nouns" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_demo_adds_text_to_image_sections(tmp_path, fake_minilm):
+    """condiff.demo with a text-conditional model: one grid per w, one row per prompt, its sample command."""
+    from condiff.demo import DemoConfig, run_demo
+
+    npz = write_npz(tmp_path / "d.npz", tiny_data())
+    common = ["--data", npz, "--steps", "2", "--batch-size", "16", "--channels", "8,8", "--stem", "1",
+              "--no-progress", "--device", "cpu", "--warmup", "1"]
+    for out, extra in (("cls", ["--T", "100"]), ("txt", ["--T", "100", "--cond", "text"]),
+                       ("txt50", ["--T", "50", "--cond", "text"])):
+        rc, _, err = run_cli_inprocess(["train", "--out", tmp_path / out, *common, *extra])
+        assert rc == 0, err
+    prompts = ("a dark dress", "a wide coat", "a light plain dress")
+    cfg = DemoConfig(diffusion=tmp_path / "cls", text_diffusion=tmp_path / "txt", text_cfg_prompts=prompts,
+                     text_cfg_ws=(0.0, 3.0), per_class=2, steps=2, cfg_ws=(1.0,), classes=(0, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_demo(cfg, tmp_path / "demo", progress=False)
+    report = (tmp_path / "demo" / "report.md").read_text()
+    from PIL import Image
+
+    for w in ("0", "3"):
+        grid = Image.open(tmp_path / "demo" / f"text-cfg-w{w}.png")
+        assert grid.size[1] > grid.size[0]  # 3 prompt rows of 2 samples: taller than wide
+        assert f"--ckpt {tmp_path / 'txt'} --prompt 'a dark dress' --prompt 'a wide coat' " \
+               f"--prompt 'a light plain dress' --cfg-w {w} --n 2" in report
+    for bad, msg in ((tmp_path / "cls", "not a text-conditional"), (tmp_path / "txt50", "schedule differs")):
+        with pytest.raises(Exception, match=msg):
+            run_demo(DemoConfig(diffusion=tmp_path / "cls", text_diffusion=bad, per_class=1, steps=2),
+                     tmp_path / "demo2", progress=False)
+        assert not (tmp_path / "demo2").exists()  # checked before anything is written

@@ -122,10 +122,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path, trust_pickle: bool = False) -> Path:
-    """A checkpoint folder from a folder, a run folder (its latest checkpoint) or a .safetensors file."""
+    """A checkpoint folder from a folder, a run folder (its latest checkpoint) or a .safetensors file; a name
+    that is no path but a shipped model's folder name (``fashion-text-cfg``, :data:`condiff.zoo.SHIPPED`) is
+    that shipped model."""
     path = Path(path)
     if not path.exists():
-        raise CondiffError(f"checkpoint not found: {path}")
+        from .zoo import SHIPPED, models_dir  # zoo imports this module: imported here, when needed
+
+        if str(path) in SHIPPED.values() and (models_dir() / str(path) / "config.json").is_file():
+            return models_dir() / str(path)
+        raise CondiffError(f"checkpoint not found: {path} (a folder, a run folder, a .safetensors file or a "
+                           f"shipped model's name: {', '.join(SHIPPED.values())})")
     _check_not_pickle(path, trust_pickle)
     if path.is_file():
         if path.suffix != ".safetensors" and not (trust_pickle and path.suffix.lower() in PICKLE_SUFFIXES):

@@ -380,7 +380,7 @@ def cmd_sample(args) -> int:
 
     args.use_shipped = args.ckpt is None and args.diffusers_model is None
     if args.use_shipped:  # the models shipped in the package (condiff.zoo): the eps-model and its companions
-        args.ckpt = str(shipped("diffusion"))
+        args.ckpt = str(shipped("text-diffusion" if args.prompts else "diffusion"))  # --prompt: the text model
     args.classifier = shipped_or(args.classifier, "classifier")
     if args.diffusers_model is not None:
         from .checkpoints import read_config, resolve_checkpoint
@@ -398,6 +398,8 @@ def cmd_sample(args) -> int:
     names = config.get("class_names", [])
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
     prompt_emb = _prompt_condition(args, config, model, device)  # --prompt on a text-conditional model
+    if prompt_emb is not None and cfg_w is None and args.cfg_pp is None:
+        cfg_w = DEFAULT_SCALES["text-cfg"]  # measured on held-out prompts (docs/text-to-image.md)
     classes = [resolve_class(c, names, len(names) or None) for c in args.classes] if args.classes else []
     how = class_guidance(model, classes=bool(classes) or prompt_emb is not None, cfg_w=cfg_w if args.cfg_pp is None else args.cfg_pp,
                          classifier=bool(args.classifier or args.x0_guidance), unconditional=args.unconditional)
@@ -484,18 +486,21 @@ def cmd_demo(args) -> int:
 
     clf = companion(args.classifier, "classifier")
     text = companion(args.text_encoder, "text-encoder")
-    if text is not None and not args.text_encoder:
+    text_cfg = companion(None, "text-diffusion")  # text to image by CFG: with the shipped eps-model only
+    if (text is not None and not args.text_encoder) or text_cfg is not None:
         try:
             from .similarity.text import load_text_encoder
 
             load_text_encoder(device)  # loaded once per device: the demo reuses it
         except CondiffError as e:  # the optional extra condiff[text] is missing
-            print(f"condiff demo: skipping text guidance: {e}", file=sys.stderr)
-            text = None
+            print(f"condiff demo: skipping text guidance and text to image: {e}", file=sys.stderr)
+            text = None if not args.text_encoder else text
+            text_cfg = None
     image = companion(args.image_encoder, "image-encoder")
     warn = lambda message: print(f"condiff demo: warning: {message}", file=sys.stderr)  # noqa: E731
     index = run_demo(DemoConfig(diffusion=ckpt, classifier=clf, steps=args.steps, per_class=args.per_class,
                                 seed=args.seed, device=device, text_encoder=text, image_encoder=image,
+                                text_diffusion=text_cfg,
                                 sampler=args.sampler, spacing=args.spacing, threshold=args.threshold, log=warn),
                      args.out, progress=not args.no_progress)
     print(f"wrote {index}")

@@ -126,7 +126,7 @@ def family_guidance(args, model, schedule, shape, device) -> tuple[list, dict]:
         fields["apg"] = APG(args.apg_eta or 0.0, args.apg_rescale or 0.0, args.apg_momentum or 0.0)
     if args.autoguide:
         weak, weak_schedule, weak_config = load_diffusion(args.autoguide, device, args.trust_pickle)
-        if not _same_schedule(weak_schedule, schedule):
+        if not weak_schedule.same_as(schedule):
             raise CondiffError(f"{args.autoguide}: the weak model's noise schedule differs from the model's")
         weak_shape = tuple(weak_config.get("image_shape") or (weak.in_channels, weak.image_size, weak.image_size))
         if weak_shape != tuple(shape):
@@ -140,9 +140,3 @@ def family_guidance(args, model, schedule, shape, device) -> tuple[list, dict]:
     if args.recurrence is not None:
         fields["recurrence"] = args.recurrence
     return terms, fields
-
-
-def _same_schedule(a, b) -> bool:
-    import torch
-
-    return a.T == b.T and bool(torch.allclose(a.abar, b.abar))

@@ -72,7 +72,7 @@ DEFAULT_CLIP_X0 = 1.0  # the data range: a tiny abar_{T-1} (cosine: 5e-5) otherw
 #: the measured sweeps of the shipped Fashion-MNIST models (docs/results.md, 1000 samples per scale,
 #: judge accuracy and FID_fm; docs/which-method.md explains each choice). "cfg" is the article's w
 #: (eq 24; diffusers' guidance_scale is 1 + w), the others are gamma (eqs 8, 14).
-DEFAULT_SCALES = {"cfg": 1.0, "classifier": 16.0, "text": 100.0, "image": 100.0, "style": 10.0}
+DEFAULT_SCALES = {"cfg": 1.0, "classifier": 16.0, "text": 100.0, "image": 100.0, "style": 10.0, "text-cfg": 2.0}
 #: The useful range of each scale in words, as measured (docs/results.md): shown by ``--help``.
 SCALE_RANGES = {
     "cfg": "typical 1-2: judge accuracy 0.84 at w=0, 0.97 at 1, 0.98 at 1.5, 0.99 at 2, but FID_fm is lowest at 1 "

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .checkpoints import atomic_write_text
+from .errors import CondiffError
 from .compose import (AUTO, AUTO_SAMPLERS, DEFAULT_SAMPLER, DEFAULT_SCALES, DEFAULT_SPACING, DEFAULT_STEPS, Guidance,
                       Sampling, compose,
                       saturation_warning, solver_options)
@@ -32,6 +33,8 @@ MEASURED = {("cfg", 0.0): 0.843, ("cfg", 1.0): 0.965, ("cfg", 1.5): 0.982, ("cfg
             ("classifier", 0.0): 0.107, ("classifier", 4.0): 0.826, ("classifier", 16.0): 0.904,
             ("classifier", 32.0): 0.916, ("text", 0.0): 0.108, ("text", 100.0): 0.971,
             ("image", 0.0): 0.108, ("image", 30.0): 0.897, ("image", 100.0): 0.934}
+#: Where MEASURED's numbers of a method come from, when not docs/results.md.
+MEASURED_SOURCES = {"text-cfg": "eta 1, held-out prompts, docs/text-to-image.md"}
 #: What was measured where accuracy does not apply (docs/similarity.md, style guidance; 64 samples).
 MEASURED_NOTES = {("style", 10.0): "no visible stripes: Gram distance to the style image in the judge's features "
                                    "3.21 -> 3.02, stripe energy unchanged (docs/similarity.md)"}
@@ -62,6 +65,11 @@ class DemoConfig:
     sampler: str = DEFAULT_SAMPLER  # the solver of every grid; the similarity grids add eta = sim_eta when it takes eta
     spacing: str = DEFAULT_SPACING
     threshold: float | None = None
+    # text to image by classifier-free guidance (eq 24) on a caption-conditional eps-model (condiff.text_cfg)
+    text_diffusion: str | Path | None = None
+    text_cfg_prompts: tuple[str, ...] = ("a dark patterned dress", "a light plain dress", "a wide dark coat",
+                                         "a slim light coat")  # attributes beyond the class: pairs that differ
+    text_cfg_ws: tuple[float, ...] = (0.0, DEFAULT_SCALES["text-cfg"])
     log: Callable[[str], None] | None = None  # warnings (saturated grids) go here
     extra_sections: list[Callable] = field(default_factory=list)
 
@@ -95,7 +103,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
     clf = load_classifier(cfg.classifier, cfg.device)[0] if cfg.classifier is not None else None
     shape = tuple(config["image_shape"])
     sampling = Sampling(cfg.sampler, cfg.steps, cfg.spacing, threshold=cfg.threshold).validate(schedule)
-    found = _similarity_inputs(cfg, shape)
+    found = _similarity_inputs(cfg, shape, schedule)
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a failed demo writes nothing
     names = config.get("class_names") or [str(i) for i in range(model.num_classes or 0)]
     classes = cfg.classes or ((0, 1, 7, 8, 9) if len(names) >= 10 else tuple(range(min(len(names), 5))))
@@ -109,14 +117,14 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
     total = _count_sections(cfg, clf, found)
     done = [0]
 
-    def run(guidance, cond=None, count=None, stochastic_solver=False):
+    def run(guidance, cond=None, count=None, stochastic_solver=False, net=None):
         t0 = time.time()
         count = count or n
         use = stochastic if stochastic_solver else sampling
         done[0] += 1
         if progress:  # one line per grid, then the solver's own bar
             print(f"condiff demo: grid {done[0]} of {total}", file=sys.stderr, flush=True)
-        eps, shift = compose(model, schedule, guidance, use)
+        eps, shift = compose(net or model, schedule, guidance, use)
         x = generate(eps, schedule, count, shape=shape, cond=cond, seed=cfg.seed, batch_size=count,
                      device=cfg.device, mean_shift=shift, progress=progress, **use.kwargs())
         warning = saturation_warning(x)
@@ -124,10 +132,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
             cfg.log(warning)
         return x, time.time() - t0
 
-    def command(*flags, stochastic_solver=False, count=None) -> str:
-        """The ``condiff sample`` command of a grid: same model, guidance, solver and seed."""
+    def command(*flags, stochastic_solver=False, count=None, ckpt=None) -> str:
+        """The ``condiff sample`` command of a grid: same model, guidance, solver and seed (``ckpt``: a grid
+        of another model than cfg.diffusion, None when it is the shipped one)."""
         use = stochastic if stochastic_solver else sampling
-        parts = ["condiff sample"] + ([] if shipped_model else ["--ckpt", _quote(cfg.diffusion)]) + list(flags)
+        ckpt = ckpt if ckpt is not None else (None if shipped_model else cfg.diffusion)
+        parts = ["condiff sample"] + ([] if ckpt is None else ["--ckpt", _quote(ckpt)]) + list(flags)
         parts += ["--n", str(count or cfg.per_class), "--sampler", use.sampler, "--steps", str(use.steps)]
         parts += [f"--eta {use.options['eta']:g}"] if "eta" in use.options else []
         parts += ["--spacing", use.spacing] if use.spacing != DEFAULT_SPACING else []
@@ -140,7 +150,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
         if (method, float(scale)) in MEASURED_NOTES:
             return MEASURED_NOTES[method, float(scale)]
         acc = MEASURED.get((method, float(scale)))
-        return "" if acc is None else f"judge accuracy {acc:.3f} (DDIM-25, 1000 samples, docs/results.md)"
+        return "" if acc is None else f"judge accuracy {acc:.3f} (DDIM-25, 1000 samples, " \
+                                      f"{MEASURED_SOURCES.get(method, 'docs/results.md')})"
 
     class_flags = [f"--class {_quote(name)}" for name in labels]
     null = Guidance(unconditional=True)
@@ -162,6 +173,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> Path:
                      command(clf_flag, *class_flags, f"--scale {gamma:g}"), measured("classifier", gamma))
     if found:
         _similarity_sections(cfg, out, rows, model, schedule, names, run, found, stochastic, command, measured)
+    if "text-cfg" in found:
+        _text_cfg_sections(cfg, out, rows, run, found["text-cfg"], _solver_text(sampling), command, measured)
     for extra in cfg.extra_sections:  # each: (model, schedule, cfg) -> section dicts
         for sec in extra(model, schedule, cfg):
             _section(out, rows, **sec)
@@ -188,13 +201,15 @@ def _count_sections(cfg: DemoConfig, clf, found: dict) -> int:
     """How many grids the demo samples (for its progress lines)."""
     count = 1 + len(cfg.cfg_ws) + (len(cfg.classifier_scales) if clf is not None else 0)
     count += 2 if "text" in found else 0
+    count += len(cfg.text_cfg_ws) if "text-cfg" in found else 0
     if "image" in found:
         count += 2 * bool(found["references"]) + 2 * (found["style"] is not None)
     return count
 
 
-def _similarity_inputs(cfg: DemoConfig, shape) -> dict:
-    """Load the encoders and the reference and style images first, so that a bad one fails before any output."""
+def _similarity_inputs(cfg: DemoConfig, shape, schedule) -> dict:
+    """Load the encoders, the text-conditional model and the reference and style images first, so that a bad one
+    fails before any output."""
     from .images import load_image
     from .similarity import load_encoder
 
@@ -204,6 +219,16 @@ def _similarity_inputs(cfg: DemoConfig, shape) -> dict:
         from .similarity.text import load_text_encoder
 
         found["text"] = (load_encoder(cfg.text_encoder, "text", cfg.device)[0], load_text_encoder(cfg.device))
+    if cfg.text_diffusion is not None:
+        from .text_cfg import is_text_conditional, prompt_condition
+
+        net, text_schedule, config = load_diffusion(cfg.text_diffusion, cfg.device)
+        if not is_text_conditional(config) or tuple(config["image_shape"]) != tuple(shape):
+            raise CondiffError(f"{cfg.text_diffusion}: not a text-conditional eps-model of "
+                               f"{'x'.join(map(str, shape))} images (condiff train --cond text)")
+        if not text_schedule.same_as(schedule):  # one solver and one seed for every grid
+            raise CondiffError(f"{cfg.text_diffusion}: its noise schedule differs from the demo's eps-model")
+        found["text-cfg"] = (net, prompt_condition(list(cfg.text_cfg_prompts), config, cfg.device))
     if cfg.image_encoder is not None:
         found["image"] = load_encoder(cfg.image_encoder, "image", cfg.device)[0]
         paths = list(cfg.references) or [refs[r] for r in ("sneaker", "dress") if r in refs]
@@ -272,6 +297,22 @@ def _similarity_sections(cfg: DemoConfig, out: Path, rows: list, model, schedule
                      "style (Gram)" + (" + classifier-free" if conditional else ""), scale, x,
                      [names[c] for c in classes] if conditional else ["(any)"] * len(classes), k, dt, solver,
                      command(*flags, stochastic_solver=True), measured("style", scale) if terms else "")
+
+
+def _text_cfg_sections(cfg: DemoConfig, out: Path, rows: list, run, found: tuple, solver: str, command,
+                       measured) -> None:
+    """Text to image by classifier-free guidance (eq 24): one prompt per row, the caption embedding as y."""
+    net, emb = found
+    k = cfg.per_class
+    cond = {"y": emb.to(cfg.device).repeat_interleave(k, 0)}
+    ckpt = None if _is_shipped(cfg.text_diffusion, "text-diffusion") else cfg.text_diffusion
+    for w in cfg.text_cfg_ws:
+        x, dt = run(Guidance(cfg_w=w), cond=cond, count=len(emb) * k, net=net)
+        flags = [f"--prompt {_quote(p)}" for p in cfg.text_cfg_prompts] + [f"--cfg-w {w:g}"]
+        _section(out, rows, f"text-cfg-w{w:g}", f"Text to image by classifier-free guidance, w = {w:g} "
+                 "(one prompt per row)", "text-conditional classifier-free (eqs 22-24)", w, x,
+                 [f'"{p}"' for p in cfg.text_cfg_prompts], k, dt, solver, command(*flags, ckpt=ckpt),
+                 measured("text-cfg", w))
 
 
 def _write_index(out: Path, rows: list) -> Path:

@@ -143,7 +143,7 @@ def check_classifier_schedule(schedule: Schedule, classifier_config: dict) -> st
         theirs = _schedule_of(classifier_config, "classifier")
     except CondiffError:
         return None
-    if theirs.T == schedule.T and torch.allclose(theirs.abar, schedule.abar, rtol=1e-3, atol=1e-4):
+    if theirs.same_as(schedule, rtol=1e-3, atol=1e-4):
         return None
     return (f"the classifier was trained on a {theirs.name} schedule with T={theirs.T}, the model samples a "
             f"{schedule.name} schedule with T={schedule.T}: its t means another noise level "

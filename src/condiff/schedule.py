@@ -56,6 +56,11 @@ class Schedule:
     def T(self) -> int:
         return self.abar.numel()
 
+    def same_as(self, other: "Schedule", rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+        """Whether ``other`` has the same T and the same noise levels abar_t (to the tolerance): a network
+        trained on one reads its t as the same noise level under the other."""
+        return self.T == other.T and bool(torch.allclose(self.abar, other.abar, rtol=rtol, atol=atol))
+
     @property
     def bbar(self) -> torch.Tensor:
         """bbar_t = sqrt(1 - abar_t^2)."""

@@ -425,7 +425,8 @@ def sweep_checkpoint(ckpt, method: str, scales: list[float] | None, n: int, out_
 
     ``classes`` are names or indices (default: all); ``classifier`` a checkpoint for method
     classifier; ``options`` the method's other settings.  Nothing is written before every
-    argument has been checked.  Defaults: ``ckpt`` None is the shipped eps-model, ``scales``
+    argument has been checked.  Defaults: ``ckpt`` None is the shipped eps-model (for method text-cfg the
+    shipped text-conditional one), ``scales``
     None are :data:`SWEEP_SCALES`' of the method, and a missing classifier (method classifier) or
     encoder (``text_encoder`` / ``image_encoder``) is the shipped one when it takes the model's
     image size (otherwise a one-line error names it).
@@ -445,7 +446,9 @@ def sweep_checkpoint(ckpt, method: str, scales: list[float] | None, n: int, out_
             raise CondiffError(f"method {method} has no default scales: give them (--scales)")
         scales = SWEEP_SCALES[method]
     sampling = sampling or Sampling()
-    model, schedule, config = load_diffusion(ckpt if ckpt is not None else shipped("diffusion"), device)
+    if ckpt is None:  # the shipped eps-model; method text-cfg: the shipped text-conditional one
+        ckpt = shipped("text-diffusion" if method == "text-cfg" else "diffusion")
+    model, schedule, config = load_diffusion(ckpt, device)
     sampling.validate(schedule)
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
     companions = {"classifier": ("classifier", "classifier", "a noise-aware classifier (--classifier CKPT)",
@@ -485,5 +488,5 @@ def sweep_checkpoint(ckpt, method: str, scales: list[float] | None, n: int, out_
             AttributeRule.fit(train_data.images, train_data.labels, names)
     return run_sweep(ctx, method, scales, n, out_dir, evaluator, classes=classes, sampling=sampling, form=form,
                      seed=seed, batch_size=batch_size, progress=progress,
-                     source=str(resolve_checkpoint(ckpt if ckpt is not None else shipped("diffusion"))),
+                     source=str(resolve_checkpoint(ckpt)),
                      log=log)

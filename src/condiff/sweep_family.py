@@ -110,7 +110,7 @@ def _autoguide_method(ctx, scale: float, labels: torch.Tensor):
         if not path:
             raise CondiffError("method autoguide needs --option weak=CKPT (a weaker eps-model of the same recipe)")
         weak, schedule, _ = load_diffusion(path, ctx.device)
-        if schedule.T != ctx.schedule.T or not torch.allclose(schedule.abar, ctx.schedule.abar):
+        if not schedule.same_as(ctx.schedule):
             raise CondiffError(f"{path}: the weak model's noise schedule differs from the model's")
         if bool(getattr(weak, "conditional", False)) != ctx.conditional:
             raise CondiffError(f"{path}: the weak model must be conditional exactly when the model is")

@@ -27,6 +27,8 @@ SHIPPED = {
     "image-encoder": "fashion-image-encoder",
     "text-encoder": "fashion-text-encoder",
     "judge": "fashion-judge",
+    "text-diffusion": "fashion-text-cfg",  # text to image by CFG (condiff sample --prompt)
+    "text-attr-encoder": "fashion-text-attr-encoder",  # text guidance that steers attributes too
 }
 
 EXPORT_FILES = ("config.json", "model.safetensors", "README.md", MANIFEST)  # all an export folder holds
