@@ -1,6 +1,6 @@
 """Issue 17's ablation of the training recipe: one row per lever, every row at the same CPU budget.
 
-    # the six quality rows, one after the other on one thread (about 20 minutes a row here)
+    # the eight quality rows, one after the other on one thread (about 20 minutes a row here)
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/train_ablation.py --out /work/runs/ablation
     # some rows; the speed-only rows train --speed-steps steps and report s/step only
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/train_ablation.py --out runs/abl --rows v1,v2+channels-last
@@ -15,7 +15,9 @@ full-length run says what the whole recipe does at the shipped budget.
 
 Rows (``ROWS``): ``v1``, the recipe of the shipped model (lr 1e-3, 100 warm-up steps, EMA 0.999,
 p-uncond 0.1, constant lr); ``v2`` = v1 + min-SNR-5 + stratified t + cosine decay; ``v2-no-min-snr``,
-``v2-no-stratified``, ``v2-no-cosine`` (v2 less one lever); ``v2+attention``. Speed-only rows
+``v2-no-stratified``, ``v2-no-cosine`` (v2 less one lever); ``v2+attention``; ``v2+v-target`` and
+``v2+x0-target`` (v2 with the network trained to predict v = abar_t eps - bbar_t x_0 or x_0, its
+min-SNR-5 weight the same x_0 weighting; :mod:`condiff.prediction`). Speed-only rows
 (``v2+channels-last``, ``v2+2-threads``) train --speed-steps steps and give s/step only; they are
 run only when named in --rows (two threads slow every other process on the machine).
 
@@ -72,6 +74,8 @@ ROWS = {r.name: r for r in [
     Row("v2-no-stratified", ("min-snr", "cosine"), what="v2 with i.i.d. uniform t"),
     Row("v2-no-cosine", ("min-snr", "stratified"), what="v2 with a constant lr"),
     Row("v2+attention", V2, ("--attention",), what="v2 + self-attention at 7x7"),
+    Row("v2+v-target", V2, ("--prediction", "v"), what="v2, the network predicts v"),
+    Row("v2+x0-target", V2, ("--prediction", "x0"), what="v2, the network predicts x0"),
     Row("v2+channels-last", V2, ("--channels-last",), speed_only=True, what="v2, NHWC layout (speed only)"),
     Row("v2+2-threads", V2, threads=2, speed_only=True, what="v2 on two threads (speed only)"),
 ]}

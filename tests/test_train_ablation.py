@@ -44,6 +44,11 @@ def test_v1_row_is_the_old_recipe_and_v2_rows_differ_by_exactly_their_levers():
         assert without == expect, lever
     att = _parsed(ab.row_flags(ab.ROWS["v2+attention"], budget))
     assert att.attention and att.min_snr_gamma == 5 and att.lr_schedule == "cosine"
+    for target in ("v", "x0"):  # v2 plus the target, nothing else
+        row = ab.row_flags(ab.ROWS[f"v2+{target}-target"], budget)
+        assert row == v2[:v2.index("--ckpt-every")] + ["--prediction", target] + \
+            v2[v2.index("--ckpt-every"):]
+        assert _parsed(row).prediction == target and _parsed(v2).prediction == "eps"
 
 
 def test_speed_rows_train_the_speed_budget_and_threads_go_to_the_environment():
@@ -57,7 +62,8 @@ def test_speed_rows_train_the_speed_budget_and_threads_go_to_the_environment():
 
 def test_row_selection():
     assert [r.name for r in ab.select_rows(None)] == ["v1", "v2", "v2-no-min-snr", "v2-no-stratified",
-                                                       "v2-no-cosine", "v2+attention"]
+                                                       "v2-no-cosine", "v2+attention", "v2+v-target",
+                                                       "v2+x0-target"]
     assert [r.name for r in ab.select_rows("v2+attention, v1")] == ["v2+attention", "v1"]
     with pytest.raises(CondiffError, match="unknown row.*v3"):
         ab.select_rows("v1,v3")

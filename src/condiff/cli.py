@@ -200,6 +200,7 @@ def cmd_train(args) -> int:
     from .images import save_grid
     from .nets import UNet
     from .pipeline import generate, resolve_device
+    from .prediction import as_eps_model
     from .schedule import make_schedule
     from .training import DiffusionTask, TrainingStopped, train
 
@@ -225,14 +226,15 @@ def cmd_train(args) -> int:
         data, task, sample_cond = _caption_training(args, data, names, schedule, meta, model, out, dist.main)
     else:
         task = DiffusionTask(schedule, args.p_uncond if num_classes else 0.0, min_snr_gamma=args.min_snr_gamma,
-                             t_sampling=args.t_sampling)
+                             t_sampling=args.t_sampling, prediction=args.prediction)
 
     def on_sample(ema, step):
         k = min(num_classes or 8, 10)
         cond = __import__("torch").arange(k).repeat_interleave(8) if num_classes else None
         if text:
             k, cond = len(sample_cond), sample_cond.repeat_interleave(8, 0)
-        x = generate(ema, schedule, 8 * k, shape=(C, H, W), cond=cond, steps=min(25, schedule.T), seed=0,
+        eps = as_eps_model(ema, schedule, task.prediction)  # a v or x0 network sampled as eps
+        x = generate(eps, schedule, 8 * k, shape=(C, H, W), cond=cond, steps=min(25, schedule.T), seed=0,
                      device=device)
         save_grid(x, out / "samples" / f"step-{step:07d}.png", nrow=8)
 
@@ -263,14 +265,19 @@ def _caption_training(args, data, names, schedule, meta, model, out: Path, main:
     caps = split_captions(names, "train")  # classes without caption nouns fail here, before any work
     if args.init:
         from .checkpoints import read_config, resolve_checkpoint
+        from .prediction import prediction_of
 
-        if read_config(resolve_checkpoint(args.init)).get("network", {}).get("num_classes") is None:
+        init_config = read_config(resolve_checkpoint(args.init))
+        if init_config.get("network", {}).get("num_classes") is None:
             raise CondiffError(f"{args.init}: --init takes a class-conditional eps-model")
+        if prediction_of(init_config, str(args.init)) != args.prediction:
+            raise CondiffError(f"{args.init} predicts {prediction_of(init_config)}: train from it with "
+                               f"--prediction {prediction_of(init_config)}")
     coded, rule = caption_dataset(data)
     encoder = load_text_encoder("cpu")  # a missing extra fails here
     task, bank = build_caption_task(schedule, names, encoder, cache=out / "captions.safetensors" if main else None,
                                     p_uncond=args.p_uncond, min_snr_gamma=args.min_snr_gamma,
-                                    t_sampling=args.t_sampling)
+                                    t_sampling=args.t_sampling, prediction=args.prediction)
     meta[TEXT_KEY] = text_condition_meta(rule, encoder.name, encoder.dim)
     if args.init:
         init_from_class_model(model, args.init, bank, [c.label for c in caps])
@@ -537,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .compose import DEFAULT_CLIP_X0, DEFAULT_SCALES, DEFAULT_STEPS, SCALE_RANGES
     from .demo import DemoConfig
+    from .prediction import PREDICTIONS
 
     parser = OneLineParser(
         prog="condiff", epilog=EPILOG,
@@ -569,9 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-every", type=int_range(0), default=0, help="write a sample grid every N steps (0 = never)")
     p.add_argument("--min-snr-gamma", type=nonneg_float, default=None,
                    help="weight the eps-loss by min(SNR, G)/SNR, SNR = abar^2/bbar^2 (Hang et al. 2023; "
-                        "5 is usual; default: off)")
+                        "5 is usual; default: off); with --prediction v by min(SNR, G)/(SNR+1), x0 by min(SNR, G)")
     p.add_argument("--t-sampling", choices=["uniform", "stratified"], default="uniform",
                    help="t within a batch: i.i.d. uniform (default) or stratified over [0, T)")
+    p.add_argument("--prediction", choices=list(PREDICTIONS), default="eps",
+                   help="what the network learns to predict: eps (eq 22, default), v = abar*eps - bbar*x0, or x0; "
+                        "stored in the checkpoint and converted to eps when it is loaded, so every sampler and "
+                        "guidance works unchanged; --min-snr-gamma weights each target to the same x0 weighting")
     p.add_argument("--attention", action="store_true",
                    help="a self-attention block at the lowest resolution (7x7 for 28-pixel images)")
     p.set_defaults(func=cmd_train, distributed=True)

@@ -24,6 +24,7 @@ from .compose import (AUTO, DEFAULT_CLIP_X0, DEFAULT_SAMPLER, DEFAULT_SPACING, D
                       auto_sampler, compose, saturation_warning)
 from .errors import CondiffError
 from .guidance import batch_cond, slice_cond
+from .prediction import as_eps_model, prediction_of
 from .samplers import SAMPLERS, noise
 from .schedule import Schedule, make_schedule
 
@@ -56,11 +57,16 @@ def _schedule_of(config: dict, where) -> Schedule:
 
 
 def load_diffusion(path, device="cpu", trust_pickle: bool = False):
-    """Load an eps-model checkpoint: returns (model, schedule, config)."""
+    """Load an eps-model checkpoint: returns (model, schedule, config).
+
+    ``model`` is always ``eps(x_t, t, cond)``: a network trained to predict v or x_0
+    (config ``prediction``) comes wrapped in :class:`condiff.prediction.EpsFromPrediction`.
+    """
     model, config = load_model(path, device, trust_pickle)
     if config.get("task") != "diffusion":
         raise CondiffError(f"{path}: not a diffusion model checkpoint (task {config.get('task')!r})")
-    return model, _schedule_of(config, path), config
+    schedule = _schedule_of(config, path)
+    return as_eps_model(model, schedule, prediction_of(config, str(path))), schedule, config
 
 
 def load_classifier(path, device="cpu", trust_pickle: bool = False):

@@ -83,13 +83,14 @@ class CaptionDiffusionTask(DiffusionTask):
         embeddings: (M, D) caption embeddings (the bank).
         table, counts: :func:`condiff.captions.caption_table` of the bank's captions: row ``code`` lists
             the captions true of an image with that (class, attributes) code.
-        p_uncond, min_snr_gamma, t_sampling: as :class:`~condiff.training.DiffusionTask`.
+        p_uncond, min_snr_gamma, t_sampling, prediction: as :class:`~condiff.training.DiffusionTask`.
     The batch labels the training loop hands over are the codes (:func:`caption_dataset`).
     """
 
     def __init__(self, schedule: Schedule, embeddings: torch.Tensor, table: torch.Tensor, counts: torch.Tensor,
-                 p_uncond: float = 0.1, min_snr_gamma: float | None = None, t_sampling: str = "uniform"):
-        super().__init__(schedule, p_uncond, min_snr_gamma, t_sampling)
+                 p_uncond: float = 0.1, min_snr_gamma: float | None = None, t_sampling: str = "uniform",
+                 prediction: str = "eps"):
+        super().__init__(schedule, p_uncond, min_snr_gamma, t_sampling, prediction)
         self.embeddings, self.table, self.counts = embeddings.float(), table.long(), counts.long()
         if bool((self.counts < 1).any()):
             raise CondiffError("every (class, attributes) code needs at least one caption")

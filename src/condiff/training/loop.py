@@ -37,6 +37,7 @@ from ..checkpoints import atomic_write_text, latest_checkpoint, load_latest_chec
 from ..data import ImageDataset
 from ..distributed import Shard, all_true, barrier, merge_sums, same_on_all_ranks
 from ..errors import CondiffError, NonFiniteError
+from ..prediction import prediction_of
 from .ema import EMA, SNAPSHOT_DIR, sigma_rel_to_gamma
 from .guard import RunLock, StopSignals, TrainingStopped
 from .tasks import unwrap
@@ -335,6 +336,10 @@ def _run(model, task, data, cfg, out, meta, device, resume_, progress, callback,
     if latest is not None:
         if ck["config"].get("network") != net.config:
             raise CondiffError(f"{latest}: its network config differs from this run's; use another --out")
+        theirs, ours = prediction_of(ck["config"], str(latest)), prediction_of(config)
+        if theirs != ours:
+            raise CondiffError(f"{latest}: its network predicts {theirs}, this run's {ours}; use another --out "
+                               "or the same --prediction")
         restore(state, out, ck, latest)
     if main:
         _truncate_log(out / "metrics.jsonl", state.step)  # also drops lines of a start killed before its first checkpoint

@@ -1,8 +1,9 @@
 """The losses of condiff's networks, as tasks for :func:`condiff.training.train`.
 
 * :class:`DiffusionTask`  eps-MSE of eq 22, with condition dropout to the learned
-  null phi (the classifier-free hook of eq 24), optional min-SNR-gamma weighting
-  and stratified t sampling.
+  null phi (the classifier-free hook of eq 24), optional min-SNR-gamma weighting,
+  stratified t sampling, and optionally v or x_0 in place of eps as the
+  network's target (:mod:`condiff.prediction`).
 * :class:`ClassifierTask` cross-entropy of a noise-aware classifier p(y|x_t) on
   x_t = abar_t x_0 + bbar_t eps (classifier guidance, eqs 1-8).
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from ..data import ImageDataset
 from ..distributed import Shard
 from ..errors import CondiffError
+from ..prediction import PREDICTION_KEY, check_prediction, regression_target, x0_error_scale
 from ..schedule import Schedule
 
 __all__ = ["DiffusionTask", "ClassifierTask", "classifier_accuracy_by_t", "min_snr_weight", "sample_t",
@@ -50,17 +52,19 @@ def sample_t(T: int, n: int, generator: torch.Generator, shard: Shard = Shard(),
     return t[shard.rank::shard.world_size]  # this rank's rows, as Shard slices every global draw
 
 
-def min_snr_weight(schedule: Schedule, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weight of the eps-loss (Hang et al. 2023): min(SNR_t, gamma) / SNR_t.
+def min_snr_weight(schedule: Schedule, t: torch.Tensor, gamma: float, prediction: str = "eps") -> torch.Tensor:
+    """Min-SNR-gamma weight of the loss (Hang et al. 2023): min(SNR_t, gamma) / SNR_t for the eps-loss.
 
     SNR_t = abar_t^2 / bbar_t^2 in the article's notation (x_t = abar_t x_0 + bbar_t eps).
     Weighting eq 22's eps-MSE by it equals an x0-MSE weighted by min(SNR, gamma):
     the nearly clean steps, whose eps-error is cheap to shrink and matters little
-    to the samples, stop dominating the gradient.
+    to the samples, stop dominating the gradient.  The same x0 weighting for a
+    network that predicts v or x_0 (:mod:`condiff.prediction`) is min(SNR, gamma) / (SNR + 1)
+    or min(SNR, gamma) (:func:`condiff.prediction.x0_error_scale`).
     """
     abar = schedule.abar.to(t.device)[t.long()]
     snr = abar**2 / (1.0 - abar**2)
-    return (snr.clamp(max=gamma) / snr).float()
+    return (snr.clamp(max=gamma) / x0_error_scale(prediction, snr)).float()
 
 
 class DiffusionTask:
@@ -71,12 +75,15 @@ class DiffusionTask:
         p_uncond: probability of replacing the condition by the null phi (eq 24).
         min_snr_gamma: w(t) = min(SNR_t, gamma) / SNR_t (:func:`min_snr_weight`); None = 1.
         t_sampling: "uniform" (i.i.d.) or "stratified" (:func:`sample_t`).
+        prediction: the network's target, "eps" (eq 22), "v" = abar_t eps - bbar_t x_0, or "x0"
+            (:func:`condiff.prediction.regression_target`); the loss is the MSE to it, and the
+            min-SNR weight is the one of that target.  Loaders turn the network back into eps.
     """
 
     name = "diffusion"
 
     def __init__(self, schedule: Schedule, p_uncond: float = 0.1, min_snr_gamma: float | None = None,
-                 t_sampling: str = "uniform"):
+                 t_sampling: str = "uniform", prediction: str = "eps"):
         if not 0 <= p_uncond <= 1:
             raise CondiffError(f"p-uncond must lie in [0, 1], got {p_uncond}")
         if min_snr_gamma is not None and not (math.isfinite(min_snr_gamma) and min_snr_gamma > 0):
@@ -85,6 +92,7 @@ class DiffusionTask:
             raise CondiffError(f"t-sampling must be one of {', '.join(T_SAMPLING)}, got {t_sampling!r}")
         self.schedule, self.p_uncond = schedule, float(p_uncond)
         self.min_snr_gamma, self.t_sampling = min_snr_gamma, t_sampling
+        self.prediction = check_prediction(prediction)
 
     def config(self) -> dict:
         out = {"task": self.name, "p_uncond": self.p_uncond}
@@ -92,6 +100,8 @@ class DiffusionTask:
             out["min_snr_gamma"] = self.min_snr_gamma
         if self.t_sampling != "uniform":
             out["t_sampling"] = self.t_sampling
+        if self.prediction != "eps":  # no key: eps, as every checkpoint before the key
+            out[PREDICTION_KEY] = self.prediction
         return out
 
     def drop_condition(self, model, y: torch.Tensor, generator: torch.Generator,
@@ -108,11 +118,14 @@ class DiffusionTask:
         eps = shard.randn(x0.shape, generator).to(x0.device)
         cond = self.drop_condition(unwrap(model), y, generator, shard) if unwrap(model).conditional else None
         pred = model(self.schedule.add_noise(x0, t, eps), t, cond)
+        target = eps if self.prediction == "eps" else \
+            regression_target(self.prediction, x0.float(), eps, *self.schedule.gather(t, eps))
         if self.min_snr_gamma is None:
-            return F.mse_loss(pred.float(), eps), {}
-        per_row = (pred.float() - eps).pow(2).flatten(1).mean(1)
-        w = min_snr_weight(self.schedule, t, self.min_snr_gamma)
-        # "mse" is the unweighted eq-22 loss, comparable across runs with and without the weighting
+            return F.mse_loss(pred.float(), target), {}
+        per_row = (pred.float() - target).pow(2).flatten(1).mean(1)
+        w = min_snr_weight(self.schedule, t, self.min_snr_gamma, self.prediction)
+        # "mse" is the unweighted loss (eq 22's for eps; the MSE to v or x_0 otherwise), comparable across
+        # runs with and without the weighting
         return (w * per_row).mean(), {"mse": (float(per_row.detach().sum()), B)}
 
 
