@@ -13,7 +13,8 @@
 # Every row samples the same held-out prompts (condiff.captions.heldout_prompts: phrasings and synonyms
 # never seen in training, 100 per class) from the same initial noise (seed 0), with DDIM-25 eta 1 (the
 # solver similarity guidance needs, docs/similarity.md); one extra row samples route 2 at eta 0 (its
-# deterministic solver). OUT keeps every sample set: a rerun only re-scores. Writes OUT/table.md and
+# deterministic solver). Two more rows sample the same (class, attributes) combinations in training phrasings
+# (--prompts train): what each route learned, apart from what MiniLM carries over to new words. OUT keeps every sample set: a rerun only re-scores. Writes OUT/table.md and
 # copies the grids to docs/text-to-image/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +35,10 @@ CONDIFF=${CONDIFF:-.venv/bin/condiff}
 PYTHON=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 
-sweep() {  # sweep NAME ARGS...: one `condiff sweep` on the held-out prompts
+sweep() {  # sweep NAME ARGS...: one `condiff sweep` on the held-out prompts (PROMPTS=train: training phrasings)
   local name=$1; shift
-  echo "[$(date +%H:%M:%S)] $name: condiff sweep $*"
-  OMP_NUM_THREADS=1 "$CONDIFF" sweep "$@" --prompts heldout --n "$N" --sampler ddim --steps "$STEPS" \
+  echo "[$(date +%H:%M:%S)] $name: condiff sweep $* --prompts ${PROMPTS:-heldout}"
+  OMP_NUM_THREADS=1 "$CONDIFF" sweep "$@" --prompts "${PROMPTS:-heldout}" --n "$N" --sampler ddim --steps "$STEPS" \
     --judge "$JUDGE" --out "$OUT/$name" --no-progress --device cpu > "$OUT/$name.log" 2>&1
   echo "[$(date +%H:%M:%S)] $name: done"
 }
@@ -47,37 +48,44 @@ lane() { [[ " $LANES " == *" $1 "* ]]; }
 
 ( lane a || exit 0
   sweep text-cfg --ckpt "$TEXT_CFG" --method text-cfg --scales "$CFG_WS" --eta 1
-  sweep text-cfg-eta0 --ckpt "$TEXT_CFG" --method text-cfg --scales "$ETA0_W" --eta 0 ) &
+  sweep text-cfg-eta0 --ckpt "$TEXT_CFG" --method text-cfg --scales "$ETA0_W" --eta 0
+  PROMPTS=train sweep text-cfg-seen --ckpt "$TEXT_CFG" --method text-cfg --scales "$ETA0_W" --eta 1 ) &
 lane_a=$!
 ( lane b || exit 0
   sweep sdg --ckpt "$MODEL" --method text --scales "$SDG_SCALES" --eta 1 --option "text_encoder=$ENCODER"
   sweep sdg-noprior --ckpt "$MODEL" --method text --scales "$NOPRIOR_SCALE" --eta 1 \
     --option "text_encoder=$ENCODER" --option text_prior=0
   sweep sdg-class-encoder --ckpt "$MODEL" --method text --scales "$NOPRIOR_SCALE" --eta 1 \
-    --option "text_encoder=$CLASS_ENCODER" ) &
+    --option "text_encoder=$CLASS_ENCODER"
+  PROMPTS=train sweep sdg-seen --ckpt "$MODEL" --method text --scales "$NOPRIOR_SCALE" --eta 1 \
+    --option "text_encoder=$ENCODER" ) &
 lane_b=$!
 wait "$lane_a"
 wait "$lane_b"
 [ "$LANES" = "a b" ] || exit 0  # the table needs both routes
 
-"$PYTHON" - "$OUT" <<'PY'
+"$PYTHON" - "$OUT" "$ETA0_W" "$NOPRIOR_SCALE" <<'PY'
 import json, shutil, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
+GRIDS = {"text-cfg": float(sys.argv[2]), "text-cfg-seen": float(sys.argv[2]), "sdg": float(sys.argv[3]),
+         "sdg-seen": float(sys.argv[3]), "sdg-class-encoder": float(sys.argv[3])}  # the grids the docs show
 docs = Path("docs/text-to-image")
 docs.mkdir(parents=True, exist_ok=True)
 parts = [("text-cfg", "text CFG (route 2), w = {s:g}"), ("text-cfg-eta0", "text CFG (route 2), w = {s:g}, eta 0"),
          ("sdg", "text similarity (route 1, SDG), gamma = {s:g}"),
          ("sdg-noprior", "text similarity (route 1, SDG), gamma = {s:g}, no caption prior"),
-         ("sdg-class-encoder", "text similarity (route 1, SDG), gamma = {s:g}, encoder aligned with class captions only")]
+         ("sdg-class-encoder", "text similarity (route 1, SDG), gamma = {s:g}, encoder aligned with class captions only"),
+         ("text-cfg-seen", "*training phrasings*: text CFG (route 2), w = {s:g}"),
+         ("sdg-seen", "*training phrasings*: text similarity (route 1, SDG), gamma = {s:g}")]
 lines, real = [], None
 for name, label in parts:
     d = json.loads((out / name / "results.json").read_text())
     st = d["settings"]
     if not lines:
         attrs = [k for k in d["rows"][0] if k.startswith("attr_")]
-        lines = [f"{st['n']} samples per row, held-out prompts (`{st.get('prompts')}`), seed {st['seed']}, "
+        lines = [f"{st['n']} samples per row, held-out prompts unless marked, seed {st['seed']}, "
                  f"{st['sampler']}-{st['steps']}; judge `{st.get('judge', 'shipped')}`.", "",
                  "| route, setting | eta | judge acc | " + " | ".join(a[5:] for a in attrs)
                  + " | FID_fm | div / real | s / image |", "|---|---:|---:|" + "---:|" * (len(attrs) + 3)]
@@ -87,11 +95,11 @@ for name, label in parts:
                      f"{r['fid_fm']:.2f} | {r['diversity_ratio']:.2f} | {r['seconds_per_image']:.3f} |")
         tag = f"{r['scale']:g}"
         src = out / name / f"grid-scale-{tag}.png"
-        if src.is_file():
+        if src.is_file() and name in GRIDS and r["scale"] == GRIDS[name]:
             shutil.copy(src, docs / f"{name}-{tag}.png")
-    real = d["rows"][0]["real"]
-lines.append(f"| real data (training images) | | {real['judge_accuracy']:.3f} | {' | ' * len(attrs)}"
-             f"{real['fid_fm']:.2f} | 1.00 | |")
+    real = d["rows"][0]
+lines.append(f"| real data (training images) | | {real['judge_accuracy_real']:.3f} | {' | ' * len(attrs)}"
+             f"{real['fid_fm_floor']:.2f} | 1.00 | |")
 (out / "table.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 print(f"wrote {out / 'table.md'}; grids in {docs}/")

@@ -72,8 +72,9 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 st, rows = d["settings"], d["rows"]
 print("--metric")
-print("judge accuracy by %s scale (%d samples each, %s-%d, eta %g)=%s" % (sys.argv[2], rows[0]["n"], st["sampler"],
-      st["steps"], st["eta"], ", ".join("%g: %.3f" % (r["scale"], r["judge_accuracy"]) for r in rows)))
+print("judge accuracy by %s scale (%d samples each, %s-%d, eta %g%s)=%s" % (sys.argv[2], rows[0]["n"], st["sampler"],
+      st["steps"], st["eta"], ", %s prompts" % st["prompts"] if st.get("prompts") else "",
+      ", ".join("%g: %.3f" % (r["scale"], r["judge_accuracy"]) for r in rows)))
 PY
   fi
   case $1 in

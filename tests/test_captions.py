@@ -94,6 +94,13 @@ def test_splits_are_disjoint_and_deterministic():
         usable = len(ATTRIBUTES) - len(NOT_APPLICABLE.get(name, ()))
         mine = [p for p in prompts if p.label == k]
         assert len({p.attrs for p in mine}) == 2 ** usable == len(mine)
+    # the same combinations in training phrasings: each prompt is a training caption stating the same facts
+    seen = heldout_prompts(names, "train")
+    by_text = {c.text: c for c in train}
+    assert [(p.label, p.attrs) for p in seen] == [(p.label, p.attrs) for p in prompts]
+    assert all(p.text in by_text and by_text[p.text] == p for p in seen)
+    with pytest.raises(CondiffError, match="caption split"):
+        heldout_prompts(names, "test")
 
 
 def test_captions_never_state_an_attribute_that_does_not_apply():

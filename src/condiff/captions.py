@@ -321,17 +321,22 @@ def combo_captions(class_names: Sequence[str], split: str = "train") -> tuple[li
     return texts, labels
 
 
-def heldout_prompts(class_names: Sequence[str]) -> list[Caption]:
+def heldout_prompts(class_names: Sequence[str], split: str = "heldout") -> list[Caption]:
     """The scoring prompts: for each class, every combination of its applicable attributes, all stated, in a
-    held-out phrasing (noun, words and template cycle through the held-out split).  Deterministic."""
+    held-out phrasing (noun, words and template cycle through the held-out split).  Deterministic.
+
+    ``split="train"``: the same combinations in training phrasings (each prompt is a training caption), to
+    tell what a model learned from what its text encoder carries over to new words."""
+    if split not in SPLITS:
+        raise CondiffError(f"caption split must be one of {', '.join(SPLITS)}, got {split!r}")
     out = []
     for k, name in enumerate(class_names):
         usable = [a for a in ATTRIBUTES if a not in NOT_APPLICABLE.get(name, ())]
-        nouns = _nouns(name, "heldout")
+        nouns = _nouns(name, split)
         for j, values in enumerate(itertools.product((0, 1), repeat=len(usable))):
             article, noun = nouns[j % len(nouns)]
-            words = {a: WORDS[a]["heldout"][v][(j + i) % 2] for i, (a, v) in enumerate(zip(usable, values))}
-            template = TEMPLATES["heldout"][(j + k) % len(TEMPLATES["heldout"])]
+            words = {a: WORDS[a][split][v][(j + i) % 2] for i, (a, v) in enumerate(zip(usable, values))}
+            template = TEMPLATES[split][(j + k) % len(TEMPLATES[split])]
             attrs = dict(zip(usable, values))
             out.append(Caption(make_caption(article, noun, words, template), k,
                                tuple(attrs.get(a, -1) for a in ATTRIBUTES)))

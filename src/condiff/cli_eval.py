@@ -191,10 +191,11 @@ def register(sub, helpers) -> None:
                         "weak=CKPT; x0-classifier / x0-image: path=model|fixed, smoothing, samples, weight, "
                         "recurrence, interval (an unknown key is an error; the encoders default to the shipped ones "
                         "when the model makes 1x28x28 images)")
-    p.add_argument("--prompts", choices=["heldout"], default=None,
-                   help="one prompt per sample with its class and pixel attributes, in phrasings and synonyms never "
-                        "seen in training (condiff.captions), for methods text-cfg (the default there) and text; "
-                        "adds the accuracy of each attribute, by the rule the captions were made with")
+    p.add_argument("--prompts", choices=["heldout", "train"], default=None,
+                   help="one prompt per sample with its class and pixel attributes (condiff.captions), for methods "
+                        "text-cfg and text: heldout (the default of text-cfg) in phrasings and synonyms never seen in "
+                        "training, train in training phrasings; adds the accuracy of each attribute, by the rule the "
+                        "captions were made with")
     p.add_argument("--form", choices=["score", "mean"], default="score",
                    help="gradient terms as eps - bbar_t*grad (score, eq 19; default) or mean shift (eq 6; an "
                         "ancestral stochastic sampler only); not for method cfg")

@@ -174,20 +174,21 @@ def sweep_labels(n: int, classes: list[int]) -> torch.Tensor:
 
 
 #: ``--option prompts=...`` (``condiff sweep --prompts``): the prompt sets a prompt sweep draws its rows from.
-PROMPT_SETS = ("heldout",)
+PROMPT_SETS = ("heldout", "train")
 #: Methods that sample prompts, and the prompt set they use when none is given.
 PROMPT_METHODS = {"text-cfg": "heldout"}
 
 
 def prompt_rows(class_names: list[str], labels: torch.Tensor, which: str = "heldout") -> list:
     """One prompt per sample: row i of class k gets class k's prompts of set ``which`` in turn
-    (:func:`condiff.captions.heldout_prompts`: every combination of its attributes, held-out phrasing)."""
+    (:func:`condiff.captions.heldout_prompts`: every combination of its attributes, in the phrasings of
+    caption split ``which``: "heldout", never seen in training, or "train")."""
     from .captions import heldout_prompts
 
     if which not in PROMPT_SETS:
         raise CondiffError(f"unknown prompt set {which!r} (known: {', '.join(PROMPT_SETS)})")
     by_class: dict[int, list] = {}
-    for p in heldout_prompts(class_names):
+    for p in heldout_prompts(class_names, which):
         by_class.setdefault(p.label, []).append(p)
     seen: dict[int, int] = {}
     rows = []
