@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/train_speed.py --steps 6
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/train_speed.py --variants base,channels_last
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/train_speed.py --variants base,two_threads --repeats 3  # idle machine
 
 Each variant trains the Fashion-MNIST UNet (channels 64,96, blocks 1, batch 128) for --steps
 steps in a temporary run folder through :func:`condiff.training.train`, and reports the median
@@ -32,7 +33,10 @@ VARIANTS = {
     "attention": ({}, {}, {"attention": True}),
     "v2 recipe": ({"ema_profiles": (0.05, 0.1), "lr_schedule": "cosine"},
                   {"min_snr_gamma": 5.0, "t_sampling": "stratified"}, {}),
+    "two_threads": ({}, {}, {}),  # the "both cores" lever: the base variant on THREADS["two_threads"] threads
 }
+#: variants that run on another number of intra-op threads than the process's (torch.set_num_threads)
+THREADS = {"two_threads": 2}
 
 
 def seconds_per_step(data, variant: str, steps: int, batch: int) -> tuple[float, int]:
@@ -41,9 +45,14 @@ def seconds_per_step(data, variant: str, steps: int, batch: int) -> tuple[float,
     net = UNet(channels=(64, 96), blocks=1, num_classes=10, **net_kw)
     schedule = make_schedule("cosine", 1000)
     cfg = TrainConfig(steps=steps, batch_size=batch, log_every=1, ckpt_every=10**6, **cfg_kw)
-    with tempfile.TemporaryDirectory() as tmp:
-        train(net, DiffusionTask(schedule, 0.1, **task_kw), data, cfg, tmp, progress=False)
-        log = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS.get(variant, threads))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            train(net, DiffusionTask(schedule, 0.1, **task_kw), data, cfg, tmp, progress=False)
+            log = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        torch.set_num_threads(threads)
     per_step = [batch / r["images_per_s"] for r in log[1:]]  # the first step warms up allocators
     return statistics.median(per_step), sum(p.numel() for p in net.parameters())
 
