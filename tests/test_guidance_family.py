@@ -518,6 +518,7 @@ def test_sample_flags_of_the_family(tmp_path):
         "auto": ["--cfg-w", "1", "--autoguide", cfg, "--sampler", "heun"],
         "x0-shipped": ["--x0-guidance", "--x0-scale", "2"],  # the flag alone: the shipped clean classifier
         "auto-shipped": ["--cfg-w", "1", "--autoguide"],  # the flag alone: the shipped weak model
+        "auto+cfg": ["--cfg-w", "1", "--autoguide", "--autoguide-w", "1"],  # both in one call
     }
     for name, flags in runs.items():
         code, out, err = run_cli_inprocess(base + flags + ["--out", str(tmp_path / f"{name}.png"),
@@ -534,6 +535,7 @@ def test_sample_flags_of_the_family(tmp_path):
         ("--cfg-w", "1", "--guidance-interval", "0,10"): "needs gradient terms",
         ("--x0-guidance", clf, "--form", "mean", "--sampler", "ddpm", "--recurrence", "2"): "use form score",
         ("--ckpt", cfg, "--cfg-w", "1", "--autoguide"): "give --autoguide CKPT, a weaker model of your own",
+        ("--cfg-w", "1", "--autoguide-w", "1"): "--autoguide-w is autoguidance's weight: give --autoguide CKPT",
     }
     for flags, message in bad.items():
         code, out, err = run_cli_inprocess(base + list(flags) + ["--out", str(tmp_path / "bad.png")])
