@@ -48,6 +48,11 @@ def test_goal_clean_classifier_needs_accuracy_and_time():
     assert not by_goal(CLF + [dict(ok, seconds_per_image=0.61)])[1]["met"]  # 3.05x the time
     assert not by_goal(CLF + [dict(ok, judge_accuracy=0.89)])[1]["met"]
     assert not by_goal([ok])[1]["met"]  # no noise-aware reference: not measured
+    # CPU time decides when both rows have it (the wall clock of a busy machine does not)
+    timed = [dict(CLF[0], cpu_seconds_per_image=0.10), dict(ok, seconds_per_image=0.9, cpu_seconds_per_image=0.29)]
+    g = by_goal(timed)[1]
+    assert g["met"] and g["numbers"]["time_ratio"] == pytest.approx(2.9) and "CPU s/image" in g["text"]
+    assert not by_goal([timed[0], dict(timed[1], cpu_seconds_per_image=0.31)])[1]["met"]
     # the fastest qualifying variant is reported
     slow = row("x0m-k2", "x0-classifier model k2", 0.97, 30.0, 0.55, grad=True)
     assert by_goal(CLF + [ok, slow, dict(ok, id="x0f", family="x0-classifier fixed", seconds_per_image=0.3)]
