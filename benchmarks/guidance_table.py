@@ -93,8 +93,8 @@ def default_rows(interval: tuple[int, int] = INTERVAL) -> list[Row]:
     """The issue's rows, with the few scales each goal needs (21 rows: ~30 min in 2 lanes at --n 500 --n-goal 1000,
     from --estimate on 2026-11-30 for 24 rows: 3835 CPU s of sampling + ~200 CPU s of scoring; four were dropped
     to fit the release's evaluation: APG w = 4 without rescale, CFG++ lambda = 0.4, eps fixed at gamma = 16, and
-    E2 at gamma = 300).  Four were added after small-n explorations (docs/guidance-family.md): APG w = 1 and 1.5,
-    the combination autoguidance w = 1 with CFG w = 1, and x0-guidance with TFG's smoothing (goals 1 and 2)."""
+    E2 at gamma = 300).  Five were added after small-n explorations (docs/guidance-family.md): APG w = 1 and 1.5,
+    the combination autoguidance w = 1 with CFG w = 1, and x0-guidance with TFG's smoothing, with and without weight abar (goals 1 and 2)."""
     iv = f"{interval[0]},{interval[1]}"
     clean = (("classifier", "clean-classifier"),)
     rows = [Row("unguided", "unguided", "cfg", 0.0, label="unguided (conditional model, w = 0)")]
@@ -125,6 +125,10 @@ def default_rows(interval: tuple[int, int] = INTERVAL) -> list[Row]:
                         (("samples", "4"), ("smoothing", f"{rho:g}")), clean, grad=True, goal=True,
                         label=f"clean classifier on x0, through the eps-model, gamma = {g:g}, smoothing rho {rho:g} "
                               "(4 draws)"))
+    rows.append(Row("x0m-32-s0.5-a", "x0-classifier model smoothed abar", "x0-classifier", 32.0,
+                    (("samples", "4"), ("smoothing", "0.5"), ("weight", "abar")), clean, grad=True, goal=True,
+                    label="clean classifier on x0, through the eps-model, gamma = 32 x abar_t, smoothing rho 0.5 "
+                          "(4 draws)"))
     rows.append(Row("x0f-64-k2", "x0-classifier fixed k2", "x0-classifier", 64.0,
                     (("path", "fixed"), ("recurrence", "2"), ("weight", "abar")), clean, grad=True, goal=True,
                     label="clean classifier on x0, eps fixed (weight abar), gamma = 64, recurrence 2"))
