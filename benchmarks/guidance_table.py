@@ -94,7 +94,8 @@ def default_rows(interval: tuple[int, int] = INTERVAL) -> list[Row]:
     from --estimate on 2026-11-30 for 24 rows: 3835 CPU s of sampling + ~200 CPU s of scoring; four were dropped
     to fit the release's evaluation: APG w = 4 without rescale, CFG++ lambda = 0.4, eps fixed at gamma = 16, and
     E2 at gamma = 300).  Five were added after small-n explorations (docs/guidance-family.md): APG w = 1 and 1.5,
-    the combination autoguidance w = 1 with CFG w = 1, and x0-guidance with TFG's smoothing, with and without weight abar (goals 1 and 2)."""
+    the combination autoguidance w = 1 with CFG w = 1, and x0-guidance with TFG's smoothing, with and without
+    weight abar (goals 1 and 2)."""
     iv = f"{interval[0]},{interval[1]}"
     clean = (("classifier", "clean-classifier"),)
     rows = [Row("unguided", "unguided", "cfg", 0.0, label="unguided (conditional model, w = 0)")]

@@ -47,8 +47,8 @@ def time_rows(ctx, rows, sampling, reps: int, batch: int, seed: int = 0):
 
     def one(row, n, s):
         t0, c0 = time.perf_counter(), time.process_time()
-        sample_at_scale(dataclasses.replace(ctx, options=dict(row.options)), get_method(row.method), row.scale, labels[:n], sampling=sampling,
-                        seed=s, batch_size=n)
+        sample_at_scale(dataclasses.replace(ctx, options=dict(row.options)), get_method(row.method), row.scale,
+                        labels[:n], sampling=sampling, seed=s, batch_size=n)
         return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
     for row in rows:  # warm-up: allocator, first-call overheads
