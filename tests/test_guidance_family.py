@@ -83,6 +83,32 @@ def test_x0_guidance_bias_at_large_t_overshoots_in_the_right_direction():
         < ratios["model", 500]
 
 
+def test_x0_weight_abar2_moves_x0_hat_by_gamma_bbar2_grad_and_keeps_the_bias_bounded():
+    """Path fixed under eq 19: eps~ = eps - bbar_t g with g = gamma w_t grad_{x0} f / abar_t moves x0_hat by
+    gamma w_t (bbar_t / abar_t)^2 grad_{x0} f; weight abar2 (w_t = abar_t^2) makes that gamma bbar_t^2 grad_{x0} f,
+    bounded at every t.  On the mixture its median projection on the exact grad log p(y | x_t) stays in
+    [1, 3] from t = 100 to 900 (measured 1.10, 1.63, 2.24, 2.21), while weight abar's grows like 1/abar_t
+    (2.6 at t = 300, 8.0 at 500, 135 at 900)."""
+    gamma = 1.7
+    x, tt, y = noisy_points(700, n=16)
+    eps, _ = compose(GM, S, Guidance(unconditional=True, terms=[X0Term(CLEAN, gamma, path="fixed", weight="abar2")]))
+    a, b = S.gather(tt, x)
+    e0 = GM.eps(x, tt, None)
+    x0 = ((x - b * e0) / a).requires_grad_(True)
+    (g0,) = torch.autograd.grad(CLEAN(x0, tt * 0, {"y": y}).sum(), x0)
+    moved = (x - b * eps(x, tt, {"y": y})) / a - x0.detach()
+    assert torch.allclose(moved, gamma * b ** 2 * g0, rtol=1e-9, atol=1e-12)
+    ratios = {}
+    for weight in ("abar", "abar2"):
+        for t in (100, 300, 500, 900):
+            x, tt, y = noisy_points(t)
+            g = X0Term(CLEAN, path="fixed", weight=weight).bind(NullBranch(GM), S).grad(x, tt, {"y": y})
+            ref = ClassifierTerm(GM.classifier).grad(x, tt, {"y": y})
+            ratios[weight, t] = float(((g * ref).sum(1) / (ref * ref).sum(1)).median())
+    assert all(1.0 < ratios["abar2", t] < 3.0 for t in (100, 300, 500, 900))
+    assert ratios["abar", 500] > 3 * ratios["abar2", 500] and ratios["abar", 900] > 30 * ratios["abar2", 900]
+
+
 class TinyEps(torch.nn.Module):
     """A small time-conditioned MLP eps-network, float64."""
 
@@ -180,6 +206,35 @@ def test_autoguidance_with_the_model_as_its_weak_model_is_the_conditional_model(
     b = generate(compose(GM, S, Guidance(cfg_w=2.0, weak_model=GM))[0], S, n, shape=(2,),
                  cond={"y": torch.arange(n) % 3}, steps=10, clip_x0=None)
     assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_autoguidance_combined_with_cfg_in_one_call():
+    """eps~ = eps_c + cfg_w (eps_c - eps_u) + w (eps_c - eps_weak): cfg_w = 0 is autoguidance alone, the model as
+    its own weak model is CFG with weight cfg_w, and the interval applies to both differences."""
+    x, tt, y = noisy_points(300, n=16)
+    weak = GaussianMixture([[-1.5, 0.0], [1.5, 0.0], [0.0, 2.0]], schedule=S)
+    e_c, e_u, e_w = GM.eps(x, tt, y), GM.eps(x, tt, None), weak.eps(x, tt, y)
+    both = compose(GM, S, Guidance(cfg_w=1.5, weak_model=weak, weak_w=0.7))[0](x, tt, {"y": y})
+    assert torch.allclose(both, e_c + 1.5 * (e_c - e_u) + 0.7 * (e_c - e_w), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(both, e_c + 1.5 * (e_c - e_u), atol=1e-3)  # the weak model's part is not negligible
+    alone = compose(GM, S, Guidance(cfg_w=0.0, weak_model=weak, weak_w=0.7))[0](x, tt, {"y": y})
+    assert torch.allclose(alone, AutoGuided(GM, weak, 0.7)(x, tt, {"y": y}), rtol=0, atol=1e-12)
+    same = compose(GM, S, Guidance(cfg_w=1.5, weak_model=GM, weak_w=2.0))[0](x, tt, {"y": y})
+    assert torch.allclose(same, ClassifierFree(GM, 1.5)(x, tt, y), rtol=1e-10, atol=1e-12)
+    tt2 = torch.where(torch.arange(16) % 2 == 0, tt, torch.full_like(tt, 800))
+    gated = compose(GM, S, Guidance(cfg_w=1.5, weak_model=weak, weak_w=0.7, cfg_interval=(500, 900)))[0]
+    got = gated(x, tt2, {"y": y})
+    assert torch.allclose(got[0::2], e_c[0::2], atol=1e-12)  # t = 300: outside, the conditional model
+    e_c8 = GM.eps(x[1::2], tt2[1::2], y[1::2])
+    want = e_c8 + 1.5 * (e_c8 - GM.eps(x[1::2], tt2[1::2], None)) + 0.7 * (e_c8 - weak.eps(x[1::2], tt2[1::2], y[1::2]))
+    assert torch.allclose(got[1::2], want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(CondiffError, match="weak_w is autoguidance's weight: give the weak model"):
+        compose(GM, S, Guidance(cfg_w=1.0, weak_w=1.0))
+    with pytest.raises(CondiffError, match="classifier-free guidance needs a model trained with a null condition"):
+        compose(TinyEps(), S, Guidance(cfg_w=1.0, weak_model=GM, weak_w=1.0))
+    g = Guidance(cfg_w=1.0, weak_model=weak, weak_w=0.5)
+    back = Guidance.from_config(json.loads(json.dumps(g.config())), weak_model=weak)
+    assert back.weak_w == 0.5 and back.config() == g.config()
 
 
 def test_apg_keeping_the_parallel_part_without_rescale_or_momentum_is_cfg():
@@ -392,6 +447,8 @@ def test_sweep_methods_build_every_family_member():
         "apg": ({"eta": "0", "rescale": "2", "momentum": "-0.5"}, {}, lambda g: g.apg == APG(0.0, 2.0, -0.5)),
         "cfg++": ({}, {}, lambda g: g.cfg_pp == 1.5 and g.cfg_w is None),
         "autoguide": ({"weak": "unused"}, {"weak": GM}, lambda g: g.weak_model is GM and g.cfg_w == 1.5),
+        "autoguide+cfg": ({"weak": "unused", "cfg_w": "1"}, {"weak": GM},
+                          lambda g: g.weak_model is GM and g.weak_w == 1.5 and g.cfg_w == 1.0),
         "x0-classifier": ({"classifier": "unused", "path": "fixed", "recurrence": "2", "interval": "0,900"},
                           {"x0-classifier": lambda x: GM.class_log_prob(x, None)},
                           lambda g: g.unconditional and g.terms[0].path == "fixed" and g.recurrence == 2
@@ -400,14 +457,15 @@ def test_sweep_methods_build_every_family_member():
                      {"image": SimpleNamespace(e2=lambda x: x, target=GM.means)},
                      lambda g: g.terms[0].key == "image" and g.terms[0].samples == 4),
     }
-    for method, (options, cache, check) in cases.items():
+    for case, (options, cache, check) in cases.items():
+        method = case.removesuffix("+cfg")  # "autoguide+cfg": method autoguide with option cfg_w
         ctx = SweepContext(model, S, (2,), ["a", "b", "c"], options=options, cache=dict(cache))
         check_options(method, options)
         guidance, cond = METHODS[method](ctx, 1.5, labels)
-        assert check(guidance), method
+        assert check(guidance), case
         x = sample_at_scale(ctx, METHODS[method], 1.5, labels, sampling=Sampling("ddim", 8, clip_x0=None),
                             batch_size=12)
-        assert x.shape == (12, 2) and torch.isfinite(x).all(), method
+        assert x.shape == (12, 2) and torch.isfinite(x).all(), case
     with pytest.raises(CondiffError, match="method apg has no option weak"):
         check_options("apg", {"weak": "x"})
     ctx = SweepContext(model, S, (2,), ["a", "b", "c"], options={})
@@ -460,6 +518,7 @@ def test_sample_flags_of_the_family(tmp_path):
         "auto": ["--cfg-w", "1", "--autoguide", cfg, "--sampler", "heun"],
         "x0-shipped": ["--x0-guidance", "--x0-scale", "2"],  # the flag alone: the shipped clean classifier
         "auto-shipped": ["--cfg-w", "1", "--autoguide"],  # the flag alone: the shipped weak model
+        "auto+cfg": ["--cfg-w", "1", "--autoguide", "--autoguide-w", "1"],  # both in one call
     }
     for name, flags in runs.items():
         code, out, err = run_cli_inprocess(base + flags + ["--out", str(tmp_path / f"{name}.png"),
@@ -476,6 +535,7 @@ def test_sample_flags_of_the_family(tmp_path):
         ("--cfg-w", "1", "--guidance-interval", "0,10"): "needs gradient terms",
         ("--x0-guidance", clf, "--form", "mean", "--sampler", "ddpm", "--recurrence", "2"): "use form score",
         ("--ckpt", cfg, "--cfg-w", "1", "--autoguide"): "give --autoguide CKPT, a weaker model of your own",
+        ("--cfg-w", "1", "--autoguide-w", "1"): "--autoguide-w is autoguidance's weight: give --autoguide CKPT",
     }
     for flags, message in bad.items():
         code, out, err = run_cli_inprocess(base + list(flags) + ["--out", str(tmp_path / "bad.png")])

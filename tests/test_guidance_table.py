@@ -48,6 +48,11 @@ def test_goal_clean_classifier_needs_accuracy_and_time():
     assert not by_goal(CLF + [dict(ok, seconds_per_image=0.61)])[1]["met"]  # 3.05x the time
     assert not by_goal(CLF + [dict(ok, judge_accuracy=0.89)])[1]["met"]
     assert not by_goal([ok])[1]["met"]  # no noise-aware reference: not measured
+    # CPU time decides when both rows have it (the wall clock of a busy machine does not)
+    timed = [dict(CLF[0], cpu_seconds_per_image=0.10), dict(ok, seconds_per_image=0.9, cpu_seconds_per_image=0.29)]
+    g = by_goal(timed)[1]
+    assert g["met"] and g["numbers"]["time_ratio"] == pytest.approx(2.9) and "CPU s/image" in g["text"]
+    assert not by_goal([timed[0], dict(timed[1], cpu_seconds_per_image=0.31)])[1]["met"]
     # the fastest qualifying variant is reported
     slow = row("x0m-k2", "x0-classifier model k2", 0.97, 30.0, 0.55, grad=True)
     assert by_goal(CLF + [ok, slow, dict(ok, id="x0f", family="x0-classifier fixed", seconds_per_image=0.3)]
@@ -64,6 +69,34 @@ def test_goal_beats_cfg_compares_at_equal_accuracy():
     ag = row("ag-1", "autoguide", 0.95, 11.0, 0.2)
     assert by_goal(CFG + [dict(apg, fid_fm=13.0), ag])[2]["met"]  # either of the two
     assert not by_goal([dict(r, judge_accuracy=0.9) for r in CFG] + [apg])[2]["met"]  # no CFG reference
+
+
+def test_goal_beats_cfg_reports_the_combination_without_counting_it():
+    both = row("agc-1-1", "autoguide+cfg", 0.97, 9.0, 0.3)
+    g = by_goal(CFG + [row("ag-1", "autoguide", 0.90, 11.0, 0.2), both])[2]
+    assert not g["met"] and g["numbers"]["combination"] == "agc-1-1"
+    assert "not counted" in g["text"] and "below plain CFG's best" in g["text"]
+
+
+def test_goal_interval_side_by_side_timing_decides_the_time():
+    iv = row("cfgi-3", "cfg-interval", 0.96, 12.5, 0.17, 37)  # the table's own time: 1.7x unguided
+    assert not by_goal(CFG + [iv])[3]["met"]
+    timing = {"cfgi-3": {"cpu_ratio": 1.42, "cpu_ratio_range": [1.40, 1.45], "wall_ratio": 1.5},
+              "cfg-1": {"cpu_ratio": 1.9, "cpu_ratio_range": [1.8, 2.0], "wall_ratio": 2.0}}
+    g = gt.goal_interval(CFG + [iv], timing)
+    assert g["met"] and g["numbers"]["time_ratio"] == 1.42 and g["numbers"]["side_by_side"]
+    assert g["numbers"]["cfg_time_ratio"] == pytest.approx(0.20 / 0.10)  # cfg-2, the best CFG here, was not timed
+    assert "side by side" in g["text"] and "1.70x" in g["text"]
+    assert not gt.goal_interval(CFG + [iv], {"cfgi-3": dict(timing["cfgi-3"], cpu_ratio=1.51)})["met"]
+    settings = {"timing": timing}
+    assert gt.build_result(CFG + [iv], settings)["goals"][2]["met"]
+
+
+def test_merge_rows_replaces_and_keeps_in_default_order():
+    old = [dict(id="a", v=1), dict(id="b", v=1), dict(id="z", v=1)]
+    new = [dict(id="b", v=2), dict(id="c", v=2)]
+    got = gt.merge_rows(new, old, ["a", "c", "b"])
+    assert [(r["id"], r["v"]) for r in got] == [("a", 1), ("c", 2), ("b", 2), ("z", 1)]
 
 
 def test_goal_interval_needs_fid_accuracy_and_time():
@@ -100,7 +133,7 @@ def test_recommend_lowest_fid_at_the_bar_else_most_accurate():
 def test_default_rows_cover_the_issue():
     rows = gt.default_rows()
     ids = [r.id for r in rows]
-    assert len(ids) == len(set(ids)) and len(rows) <= 24
+    assert len(ids) == len(set(ids)) and len(rows) <= 26
     families = {r.family for r in rows}
     assert {"unguided", "cfg", "cfg-interval", "apg", "cfg++", "autoguide", "classifier", "x0-classifier model",
             "x0-classifier fixed", "x0-classifier model k2", "x0-classifier fixed k2", "image E1",
@@ -143,7 +176,8 @@ def test_core_counts_calls_and_writes_the_table(tiny_lane):
             gt.Row("x0m-4", "x0-classifier model", "x0-classifier", 4.0, models=(("classifier", "clean-classifier"),),
                    grad=True, goal=True),
             gt.Row("x0f-4-k2", "x0-classifier fixed k2", "x0-classifier", 4.0,
-                   (("path", "fixed"), ("recurrence", "2")), (("classifier", "clean-classifier"),), grad=True)]
+                   (("path", "fixed"), ("recurrence", "2")), (("classifier", "clean-classifier"),), grad=True),
+            gt.Row("agc-1-1", "autoguide+cfg", "autoguide", 1.0, (("cfg_w", "1"),), (("weak", "weak"),), goal=True)]
     done = [lane.run(r, 8, out) for r in rows]
     calls = {e["id"]: e["calls"] for e in done}
     assert calls["unguided"] == {"eps": K, "total": K}
@@ -153,6 +187,7 @@ def test_core_counts_calls_and_writes_the_table(tiny_lane):
     assert calls["clf-4"] == {"eps": K, "guide": K, "guide_backward": K, "total": 3 * K}
     assert calls["x0m-4"] == {"eps": K, "eps_backward": K, "guide": K, "guide_backward": K, "total": 4 * K}
     assert calls["x0f-4-k2"] == {"eps": 2 * K, "guide": 2 * K, "guide_backward": 2 * K, "total": 6 * K}
+    assert calls["agc-1-1"] == {"eps": 2 * K, "weak": K, "total": 3 * K}  # CFG's batched 2B forward + the weak one
     for e in done:
         assert (out / "grids" / f"{e['id']}.png").is_file() and 0 <= e["judge_accuracy"] <= 1
         assert e["seconds_per_image"] > 0 and e["n"] == 8
@@ -177,3 +212,22 @@ def test_core_counts_calls_and_writes_the_table(tiny_lane):
     assert all(line.count("|") == len(gt.COLUMNS) + 1 for line in body)
     assert sum(line[:3] in {f"{k}. " for k in range(1, 5)} for line in md) == 4  # the four goals
     assert any("x0-classifier model" in line for line in md if line.startswith("- "))  # a recommendation
+
+
+def test_timing_script_times_rows_side_by_side(tiny_lane):
+    """benchmarks/guidance_timing.py: every row once per repetition, ratios per repetition to unguided."""
+    spec = importlib.util.spec_from_file_location("guidance_timing", Path(gt.__file__).with_name("guidance_timing.py"))
+    tm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tm)
+    from condiff.compose import Sampling
+
+    lane, _ = tiny_lane
+    rows = [gt.Row("unguided", "unguided", "cfg", 0.0), gt.Row("cfg-1", "cfg", "cfg", 1.0)]
+    times = tm.time_rows(lane.base, rows, Sampling("ddim", 4, options={"eta": 0.0}), reps=2, batch=2)
+    assert set(times) == {"unguided", "cfg-1"} and all(len(v) == 2 for v in times.values())
+    assert all(w > 0 and c >= 0 for v in times.values() for w, c in v)
+    md, numbers = tm.report({"unguided": [(1.0, 0.5), (2.0, 1.0)], "cfg-1": [(1.5, 1.0), (4.0, 1.5)]},
+                            {"unguided": "u", "cfg-1": "c"})
+    assert numbers["unguided"]["cpu_ratio"] == 1.0 and numbers["cfg-1"]["cpu_ratio"] == pytest.approx(1.75)
+    assert numbers["cfg-1"]["cpu_ratio_range"] == [1.5, 2.0] and numbers["cfg-1"]["wall_ratio"] == pytest.approx(1.75)
+    assert md.splitlines()[-1].startswith("| c | 2.750 | 1.250 | 1.75 (1.50-2.00) | 1.75 (1.50-2.00) |")

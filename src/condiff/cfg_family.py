@@ -141,21 +141,44 @@ class AutoGuided:
     Eq 24 with the null branch replaced by ``weak``, a weaker model of the same task and signature
     (an early checkpoint, a smaller network); both see the batch's condition.  w = 0 is the model itself,
     and so is any w when ``weak`` is the model.  ``interval`` (lo, hi): guide only there.
+
+    ``cfg_w`` (off: None) adds classifier-free guidance (eq 24) in the same call, each difference with its
+    own weight:
+
+        eps~ = eps(x_t, y) + cfg_w (eps(x_t, y) - eps(x_t, phi)) + w (eps(x_t, y) - eps_weak(x_t, y)),
+
+    so cfg_w = 0 is autoguidance alone and a ``weak`` equal to the model is CFG with weight cfg_w; the
+    conditional and null predictions come from one batched forward of 2B (the model needs a null condition).
     """
 
-    def __init__(self, model, weak, w: float, interval=None):
+    def __init__(self, model, weak, w: float, interval=None, cfg_w: float | None = None):
         if weak is None:
             raise CondiffError("autoguidance needs a weak model")
         self.model, self.weak = Conditioned(model), Conditioned(weak)
         self.w = check_scale("autoguidance weight w", w)
         self.interval = check_interval(interval, "autoguidance interval")
+        self.cfg = None
+        if cfg_w is not None and check_scale("cfg weight w", cfg_w) > 0:
+            self.cfg = ClassifierFree(model, cfg_w)  # its interval is applied here, to both differences
 
     def __call__(self, x, t, cond=None):
-        e = self.model(x, t, cond)
         active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         if self.interval is not None:
             active = (t >= self.interval[0]) & (t <= self.interval[1])
-        if self.w == 0 or not bool(active.any()):
-            return e
-        guided = (1 + self.w) * e - self.w * self.weak(x, t, cond)
+        if not bool(active.any()) or (self.w == 0 and self.cfg is None):
+            return self.model(x, t, cond)
+        if self.cfg is None:
+            e = self.model(x, t, cond)
+            guided = e
+        else:
+            c = network_cond(cond)
+            if c is None:
+                raise CondiffError("autoguidance with classifier-free guidance needs a condition")
+            B = x.shape[0]
+            null = self.cfg.model.null_cond(B, x.device)
+            both = self.cfg.model(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(c, null))
+            e = both[:B]
+            guided = self.cfg._mix(x, t, e, both[B:])
+        if self.w != 0:
+            guided = guided + self.w * (e - self.weak(x, t, cond))
         return torch.where(active.view((-1,) + (1,) * (x.dim() - 1)), guided, e)

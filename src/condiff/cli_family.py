@@ -48,7 +48,8 @@ def add_family_sample_args(p: argparse.ArgumentParser) -> None:
                    help="draws of the smoothing (default 4 with --x0-smoothing)")
     g.add_argument("--x0-weight", choices=list(WEIGHTS), default=None,
                    help="per-t multiplier of the x0 scale: constant (default), abar (abar_t: damps the noisy "
-                        "steps, where x0_hat is poor), bbar")
+                        "steps, where x0_hat is poor), abar2 (abar_t^2: with --x0-path fixed x0_hat moves by "
+                        "gamma bbar_t^2 grad f, bounded), bbar")
     g.add_argument("--recurrence", type=int_range(1, 100), default=None, metavar="K",
                    help="Universal Guidance's self-recurrence: re-noise and repeat every step K-1 times (K network "
                         "calls per step; default 1 = off)")
@@ -70,6 +71,9 @@ def add_family_sample_args(p: argparse.ArgumentParser) -> None:
                    help="autoguidance (Karras et al. 2024): guide with --cfg-w against this weaker eps-model (an "
                         "early checkpoint or a smaller model of the same recipe) instead of the null condition; the "
                         "flag alone means the shipped weak model (with the shipped eps-model only)")
+    g.add_argument("--autoguide-w", type=nonneg_float, default=None, metavar="W",
+                   help="autoguidance's own weight W, so that --cfg-w is classifier-free guidance's: both in one call, "
+                        "eps_c + cfg_w (eps_c - eps_u) + W (eps_c - eps_weak) (default: off, --cfg-w is autoguidance's)")
 
 
 _X0_OPTIONS = ("x0_scale", "x0_path", "x0_smoothing", "x0_samples", "x0_weight")
@@ -93,6 +97,8 @@ def check_family_args(args, cfg_w) -> None:
     if (args.apg or args.autoguide) and cfg_w is None:
         raise CondiffError(f"{'--apg' if args.apg else '--autoguide'} guides with the weight of --cfg-w: give "
                            "--cfg-w (or --cfg-scale)")
+    if getattr(args, "autoguide_w", None) is not None and not args.autoguide:
+        raise CondiffError("--autoguide-w is autoguidance's weight: give --autoguide CKPT")
     if args.cfg_pp is not None and cfg_w is not None:
         raise CondiffError("--cfg-pp replaces --cfg-w: give one of them")
     from .cfg_family import CFGPP_SAMPLERS
@@ -135,6 +141,8 @@ def family_guidance(args, model, schedule, shape, device) -> tuple[list, dict]:
         if bool(getattr(weak, "conditional", False)) != bool(getattr(model, "conditional", False)):
             raise CondiffError(f"{args.autoguide}: the weak model must be conditional exactly when the model is")
         fields["weak_model"] = weak
+        if getattr(args, "autoguide_w", None) is not None:
+            fields["weak_w"] = args.autoguide_w
     if args.guidance_interval is not None:
         fields["grad_interval"] = args.guidance_interval
     if args.recurrence is not None:

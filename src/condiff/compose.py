@@ -220,6 +220,9 @@ class Guidance:
         weak_model: autoguidance (Karras et al. 2024): eq 24 with weight ``cfg_w`` against this weaker
             eps-model instead of the null branch (not stored by :meth:`config`; give it to
             :meth:`from_config`).
+        weak_w: autoguidance *and* CFG in one call: autoguidance gets this weight and ``cfg_w`` is classifier-free
+            guidance's, eps~ = eps_c + cfg_w (eps_c - eps_u) + weak_w (eps_c - eps_weak)
+            (:class:`~condiff.cfg_family.AutoGuided`); None (default): ``cfg_w`` is autoguidance's, no CFG.
         cfg_pp: CFG++'s lambda (Chung et al. 2024), instead of ``cfg_w``; the ddim sampler only.
         grad_interval: (lo, hi): the gradient terms act only for lo <= t <= hi.
         recurrence: Universal Guidance's self-recurrence k: every step re-noised and repeated k - 1 times
@@ -237,6 +240,7 @@ class Guidance:
     grad_at: str = "x_t"
     apg: APG | None = None
     weak_model: object = None
+    weak_w: float | None = None
     cfg_pp: float | None = None
     grad_interval: tuple[int, int] | None = None
     recurrence: int = 1
@@ -268,8 +272,8 @@ class Guidance:
         if check_scale("guidance rescale", self.cfg_rescale) > 1:
             raise CondiffError(f"guidance rescale must lie in [0, 1], got {self.cfg_rescale}")
         check_interval(self.cfg_interval, "CFG interval", schedule.T if schedule is not None else None)
-        needs_null = (self.cfg_w is not None and self.weak_model is None) or self.unconditional or \
-            self.cfg_pp is not None
+        needs_null = (self.cfg_w is not None and (self.weak_model is None or self.weak_w is not None)) or \
+            self.unconditional or self.cfg_pp is not None
         if model is not None and needs_null and not hasattr(model, "null_cond"):
             what = ("the null branch" if self.unconditional else "CFG++" if self.cfg_pp is not None
                     else "classifier-free guidance")
@@ -289,6 +293,10 @@ class Guidance:
                 raise CondiffError("autoguidance needs a guidance weight w (cfg_w)")
             if self.apg is not None:
                 raise CondiffError("autoguidance and APG exclude each other (choose one)")
+        if self.weak_w is not None:
+            if self.weak_model is None:
+                raise CondiffError("weak_w is autoguidance's weight: give the weak model too")
+            check_scale("autoguidance weight weak_w", self.weak_w)
         if (self.apg is not None or self.weak_model is not None or self.cfg_pp is not None) and self.cfg_rescale:
             raise CondiffError("guidance rescale applies to plain classifier-free guidance (not APG, autoguidance "
                                "or CFG++)")
@@ -315,7 +323,7 @@ class Guidance:
                 "cfg_rescale": self.cfg_rescale, "unconditional": self.unconditional, "form": self.form,
                 "grad_at": self.grad_at, "terms": [t.config() for t in self.terms],
                 "apg": None if self.apg is None else self.apg.config(), "autoguidance": self.weak_model is not None,
-                "cfg_pp": self.cfg_pp, "recurrence": self.recurrence,
+                "weak_w": self.weak_w, "cfg_pp": self.cfg_pp, "recurrence": self.recurrence,
                 "grad_interval": None if self.grad_interval is None else list(self.grad_interval)}
 
     @classmethod
@@ -333,7 +341,7 @@ class Guidance:
             raise CondiffError("the guidance config uses autoguidance: give its weak model" if autoguidance else
                                "a weak model was given but the guidance config does not use autoguidance")
         unknown = set(config) - {"cfg_w", "cfg_interval", "cfg_rescale", "unconditional", "form", "grad_at", "apg",
-                                 "cfg_pp", "recurrence", "grad_interval"}
+                                 "weak_w", "cfg_pp", "recurrence", "grad_interval"}
         if unknown:
             raise CondiffError(f"unknown guidance settings: {', '.join(sorted(unknown))}")
         terms = list(terms)
@@ -403,7 +411,10 @@ def compose(model, schedule: Schedule, guidance: Guidance | None = None, samplin
     elif g.cfg_pp is not None:
         eps = CFGPlusPlus(model, g.cfg_pp, interval=g.cfg_interval)
     elif g.cfg_w is not None and g.weak_model is not None:
-        eps = AutoGuided(model, g.weak_model, g.cfg_w, interval=g.cfg_interval)
+        if g.weak_w is None:
+            eps = AutoGuided(model, g.weak_model, g.cfg_w, interval=g.cfg_interval)
+        else:
+            eps = AutoGuided(model, g.weak_model, g.weak_w, interval=g.cfg_interval, cfg_w=g.cfg_w)
     elif g.cfg_w is not None and g.apg is not None:
         eps = ProjectedGuidance(model, schedule, g.cfg_w, g.apg, interval=g.cfg_interval)
     elif g.cfg_w is not None:

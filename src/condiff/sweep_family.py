@@ -9,7 +9,8 @@ method             scale                   options (``--option KEY=VALUE``)
 ``cfg-interval``   w (eq 24)               ``interval=LO,HI`` (required)
 ``apg``            w                       ``eta``, ``rescale``, ``momentum``, ``interval``
 ``cfg++``          lambda                  ``interval``; ``--sampler ddim``
-``autoguide``      w                       ``weak=CKPT`` (required), ``interval``
+``autoguide``      w                       ``weak=CKPT`` (required), ``interval``, ``cfg_w`` (CFG as well,
+                                           with this weight: eps_c + cfg_w (eps_c - eps_u) + w (eps_c - eps_weak))
 ``x0-classifier``  gamma                   ``classifier=CKPT`` (``--classifier``; a clean one), ``path``,
                                            ``smoothing``, ``samples``, ``weight``, ``recurrence``,
                                            ``interval`` (of the gradient term), ``cfg_w``
@@ -102,7 +103,8 @@ _cfgpp_method.option_keys = ("interval",)
 
 
 def _autoguide_method(ctx, scale: float, labels: torch.Tensor):
-    """Autoguidance (Karras et al. 2024) with weight w = scale against ``--option weak=CKPT``."""
+    """Autoguidance (Karras et al. 2024) with weight w = scale against ``--option weak=CKPT``; with ``--option
+    cfg_w=W`` classifier-free guidance with weight W in the same call (a combination)."""
     if "weak" not in ctx.cache:
         from .pipeline import load_diffusion
 
@@ -115,10 +117,15 @@ def _autoguide_method(ctx, scale: float, labels: torch.Tensor):
         if bool(getattr(weak, "conditional", False)) != ctx.conditional:
             raise CondiffError(f"{path}: the weak model must be conditional exactly when the model is")
         ctx.cache["weak"] = weak
-    return Guidance(cfg_w=scale, weak_model=ctx.cache["weak"], cfg_interval=_interval(ctx)), {"y": labels}
+    cfg_w = _number(ctx, "cfg_w")
+    if cfg_w is None:
+        return Guidance(cfg_w=scale, weak_model=ctx.cache["weak"], cfg_interval=_interval(ctx)), {"y": labels}
+    _needs_conditional(ctx, "autoguide with cfg_w")
+    return Guidance(cfg_w=cfg_w, weak_model=ctx.cache["weak"], weak_w=scale, cfg_interval=_interval(ctx)), \
+        {"y": labels}
 
 
-_autoguide_method.option_keys = ("weak", "interval")
+_autoguide_method.option_keys = ("weak", "interval", "cfg_w")
 
 
 def _x0_options(ctx) -> dict:

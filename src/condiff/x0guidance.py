@@ -36,7 +36,7 @@ from .schedule import Schedule
 __all__ = ["X0Term", "PATHS", "WEIGHTS", "clean_classifier", "at_t0"]
 
 PATHS = ("model", "fixed")  # through the eps-network (DPS / forward guidance) or with eps held fixed
-WEIGHTS = ("constant", "abar", "bbar")  # per-t multipliers of gamma: 1, abar_t, bbar_t
+WEIGHTS = ("constant", "abar", "abar2", "bbar")  # per-t multipliers of gamma: 1, abar_t, abar_t^2, bbar_t
 
 
 def at_t0(net) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -74,7 +74,9 @@ class X0Term(GradientTerm):
         samples: the number of draws n_j (>= 1) when smoothing; their noise is seeded by (seed, t), so
             the same seed gives the same images.
         weight: per-t multiplier of gamma: "constant" (default), "abar" (abar_t: cancels the 1/abar_t of
-            x0_hat where the noise is large), "bbar", or a callable ``t (B,) -> (B,)``.
+            x0_hat where the noise is large), "abar2" (abar_t^2: with path "fixed" under eq 19 the step
+            moves x0_hat by exactly gamma bbar_t^2 grad_{x0} f, bounded by gamma at every t), "bbar", or a
+            callable ``t (B,) -> (B,)``.
         model, schedule: the eps-model whose x0_hat is used; :func:`condiff.compose.compose` binds the
             model it builds (:meth:`bind`), so a user rarely gives them.
         key: the entry of the batch condition holding per-row targets (for :meth:`~GradientTerm.config`).
@@ -137,6 +139,8 @@ class X0Term(GradientTerm):
         a, b = self.schedule.gather(t, x)
         if self.weight == "abar":
             return a
+        if self.weight == "abar2":
+            return a * a
         if self.weight == "bbar":
             return b
         return torch.as_tensor(self.weight(t), dtype=x.dtype, device=x.device).view((-1,) + (1,) * (x.dim() - 1))
