@@ -29,7 +29,7 @@ def test_every_default_scale_lives_in_compose_and_help_gives_its_range():
     assert terms.DEFAULT_SCALES is DEFAULT_SCALES  # one place
     assert set(SCALE_RANGES) == set(DEFAULT_SCALES)
     help_text = " ".join(run_cli("sample", "--help").stdout.split())
-    for kind in ("text", "image", "style", "classifier"):
+    for kind in ("text", "image", "style", "classifier", "text-cfg"):
         assert " ".join(SCALE_RANGES[kind].split()) in help_text, kind
     assert f"default {DEFAULT_SCALES['classifier']:g}" in help_text
     assert " ".join(SCALE_RANGES["cfg"].split()) in help_text

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path, atomic_write_text, fsync_dir, fsync_file, replace_dir
 from .errors import CondiffError
 from .integrity import PICKLE_SUFFIXES, sniff_format, verify_file, weights_file, write_manifest
+from .packaged import SHIPPED, shipped_folder
 
 FORMAT = "condiff-checkpoint"
 VERSION = 1
@@ -127,10 +128,8 @@ def resolve_checkpoint(path: str | Path, trust_pickle: bool = False) -> Path:
     that shipped model."""
     path = Path(path)
     if not path.exists():
-        from .zoo import SHIPPED, models_dir  # zoo imports this module: imported here, when needed
-
-        if str(path) in SHIPPED.values() and (models_dir() / str(path) / "config.json").is_file():
-            return models_dir() / str(path)
+        if shipped_folder(str(path)) is not None:
+            return shipped_folder(str(path))
         raise CondiffError(f"checkpoint not found: {path} (a folder, a run folder, a .safetensors file or a "
                            f"shipped model's name: {', '.join(SHIPPED.values())})")
     _check_not_pickle(path, trust_pickle)

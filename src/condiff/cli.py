@@ -630,9 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="classes", action="append", default=[],
                    help="class name (case-insensitive) or index; repeat for one grid row per class")
     p.add_argument("--prompt", dest="prompts", action="append", default=[],
-                   help="a text-conditional eps-model (condiff train --cond text) samples this caption, e.g. 'a "
-                        "dark patterned dress', with classifier-free guidance --cfg-w (eq 24); repeat for one grid "
-                        "row per prompt")
+                   help="a text-conditional eps-model (default: the shipped fashion-text-cfg; condiff train --cond "
+                        "text) samples this caption, e.g. 'a dark patterned dress', with classifier-free guidance "
+                        f"--cfg-w (eq 24; default {DEFAULT_SCALES['text-cfg']:g}: {SCALE_RANGES['text-cfg']}); "
+                        "repeat for one grid row per prompt")
     p.add_argument("--n", "--per-class", dest="n", type=int_range(1, 100_000), default=8,
                    help="samples per class (per grid row; default 8); under torchrun write --per-class, "
                         "since torchrun's own parser rejects --n as ambiguous")

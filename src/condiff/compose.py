@@ -84,6 +84,8 @@ SCALE_RANGES = {
     "image": "typical 30-100: judge accuracy 0.90 at 30, 0.93 at 100; 30 keeps more diversity (FID_fm 20 vs 25)",
     "style": "with the shipped encoder no visible stripes at any scale measured, 0-100 (docs/similarity.md); "
              "at 100 it adds noisy texture",
+    "text-cfg": "judge accuracy 0.99 at 2 on prompts in training phrasings (brightness followed 0.82 of the time, "
+                "texture 0.62, shape 0.57); new words are not followed (docs/text-to-image.md)",
 }
 MAX_ETA = 1.0  # DDIM's sigma_t = eta * posterior std exceeds bbar_s beyond eta = 1 (eq 17 has no real solution)
 

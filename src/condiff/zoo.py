@@ -10,35 +10,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from importlib import resources
 from pathlib import Path
 
 from .atomic import atomic_write_text, fsync_dir, replace_dir
 from .checkpoints import load_tensors, check_weights, read_config, resolve_checkpoint
 from .errors import CondiffError
 from .integrity import MANIFEST, sha256_file, write_manifest
-
-# role -> folder name under condiff/models
-SHIPPED = {
-    "diffusion": "fashion-cfg",
-    "classifier": "fashion-classifier",
-    "clean-classifier": "fashion-clean-classifier",
-    "weak-diffusion": "fashion-cfg-weak",
-    "image-encoder": "fashion-image-encoder",
-    "text-encoder": "fashion-text-encoder",
-    "judge": "fashion-judge",
-    "text-diffusion": "fashion-text-cfg",  # text to image by CFG (condiff sample --prompt)
-    "text-attr-encoder": "fashion-text-attr-encoder",  # text guidance that steers attributes too
-}
+from .packaged import SHIPPED, models_dir  # noqa: F401 (part of this module's interface)
 
 EXPORT_FILES = ("config.json", "model.safetensors", "README.md", MANIFEST)  # all an export folder holds
 
 __all__ = ["SHIPPED", "EXPORT_FILES", "models_dir", "shipped", "references", "reference", "image_path",
            "export_model", "check_export_dest"]
-
-
-def models_dir() -> Path:
-    return Path(str(resources.files("condiff"))) / "models"
 
 
 def shipped(role: str) -> Path:
