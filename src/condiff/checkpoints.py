@@ -128,8 +128,9 @@ def resolve_checkpoint(path: str | Path, trust_pickle: bool = False) -> Path:
     that shipped model."""
     path = Path(path)
     if not path.exists():
-        if shipped_folder(str(path)) is not None:
-            return shipped_folder(str(path))
+        found = shipped_folder(str(path))
+        if found is not None:
+            return found
         raise CondiffError(f"checkpoint not found: {path} (a folder, a run folder, a .safetensors file or a "
                            f"shipped model's name: {', '.join(SHIPPED.values())})")
     _check_not_pickle(path, trust_pickle)

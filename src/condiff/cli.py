@@ -406,7 +406,7 @@ def cmd_sample(args) -> int:
     shape = tuple(config.get("image_shape", (model.in_channels, model.image_size, model.image_size)))
     prompt_emb = _prompt_condition(args, config, model, device)  # --prompt on a text-conditional model
     if prompt_emb is not None and cfg_w is None and args.cfg_pp is None:
-        cfg_w = DEFAULT_SCALES["text-cfg"]  # measured on held-out prompts (docs/text-to-image.md)
+        cfg_w = DEFAULT_SCALES["text-cfg"]  # measured on prompts in training phrasings (docs/text-to-image.md)
     classes = [resolve_class(c, names, len(names) or None) for c in args.classes] if args.classes else []
     how = class_guidance(model, classes=bool(classes) or prompt_emb is not None, cfg_w=cfg_w if args.cfg_pp is None else args.cfg_pp,
                          classifier=bool(args.classifier or args.x0_guidance), unconditional=args.unconditional)

@@ -167,7 +167,7 @@ def register(sub, helpers) -> None:
                                    "(the article's w of eq 24; diffusers' guidance_scale is 1 + w). Samples of a "
                                    "scale already in OUT with the same settings are reused.",
                        epilog=EPILOG)
-    from .sweep import SWEEP_SCALES
+    from .sweep import PROMPT_SETS, SWEEP_SCALES
 
     defaults = "; ".join(f"{m} {','.join(f'{v:g}' for v in vals)}" for m, vals in SWEEP_SCALES.items())
     p.add_argument("--ckpt", default=None, help="eps-model checkpoint or run folder (default: the shipped "
@@ -191,7 +191,7 @@ def register(sub, helpers) -> None:
                         "weak=CKPT; x0-classifier / x0-image: path=model|fixed, smoothing, samples, weight, "
                         "recurrence, interval (an unknown key is an error; the encoders default to the shipped ones "
                         "when the model makes 1x28x28 images)")
-    p.add_argument("--prompts", choices=["heldout", "train"], default=None,
+    p.add_argument("--prompts", choices=list(PROMPT_SETS), default=None,
                    help="one prompt per sample with its class and pixel attributes (condiff.captions), for methods "
                         "text-cfg and text: heldout (the default of text-cfg) in phrasings and synonyms never seen in "
                         "training, train in training phrasings; adds the accuracy of each attribute, by the rule the "

@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .captions import SPLITS
 from .checkpoints import atomic_write_text
 from .data import NPZ_READ_ERRORS
 from .errors import CondiffError
@@ -174,7 +175,7 @@ def sweep_labels(n: int, classes: list[int]) -> torch.Tensor:
 
 
 #: ``--option prompts=...`` (``condiff sweep --prompts``): the prompt sets a prompt sweep draws its rows from.
-PROMPT_SETS = ("heldout", "train")
+PROMPT_SETS = SPLITS  # the caption splits of condiff.captions: "heldout" and "train" phrasings
 #: Methods that sample prompts, and the prompt set they use when none is given.
 PROMPT_METHODS = {"text-cfg": "heldout"}
 
