@@ -87,16 +87,41 @@ def test_flat_folder_and_pickle_policy(ddpm, tmp_path):
         assert torch.equal(model(x, t, None), unet(x, t).sample)
 
 
-def test_other_prediction_types_are_refused(ddpm, tmp_path):
+def _with_prediction_type(ddpm, folder, prediction_type):
     root, _, _ = ddpm
-    shutil.copytree(root / "unet", tmp_path / "unet")
+    shutil.copytree(root / "unet", folder / "unet")
     conf = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    (tmp_path / "scheduler").mkdir()
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(conf, prediction_type="v_prediction")))
-    with pytest.raises(CondiffError, match="prediction_type 'v_prediction' is not supported"):
-        load_diffusers(tmp_path)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(conf, prediction_type=prediction_type)))
+    return folder
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_v_and_sample_prediction_models_become_eps_models(ddpm, tmp_path, prediction_type):
+    """eps from diffusers' own definitions (its DDIMScheduler.step): v_prediction eps = sqrt(a) v + sqrt(1 - a) x_t,
+    sample eps = (x_t - sqrt(a) x0) / sqrt(1 - a), a = alphas_cumprod[t]."""
+    _, unet, scheduler = ddpm
+    model, schedule, config = load_diffusers(_with_prediction_type(ddpm, tmp_path, prediction_type))
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 7, 30, 49])
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        out = unet(x, t).sample
+        want = a.sqrt() * out + (1 - a).sqrt() * x if prediction_type == "v_prediction" else \
+            (x - a.sqrt() * out) / (1 - a).sqrt()
+        assert torch.allclose(model(x, t, None), want, rtol=1e-4, atol=1e-5)
+    assert config["prediction"] == {"v_prediction": "v", "sample": "x0"}[prediction_type]
+    assert not model.conditional and model.image_shape == (1, 8, 8)  # the UNet's attributes, through the wrapper
+    x0 = generate(model, schedule, 2, shape=(1, 8, 8), steps=3, seed=0)
+    assert torch.isfinite(x0).all()
+
+
+def test_other_prediction_types_are_refused(ddpm, tmp_path):
+    folder = _with_prediction_type(ddpm, tmp_path, "flow")
+    with pytest.raises(CondiffError, match="prediction_type 'flow' is not supported; condiff loads epsilon, "
+                                           "v_prediction, sample"):
+        load_diffusers(folder)
     with pytest.raises(CondiffError, match="no scheduler_config.json"):
-        load_diffusers(tmp_path / "unet")
+        load_diffusers(folder / "unet")
 
 
 def test_cli_samples_unguided_and_with_classifier_guidance(ddpm, classifier, tmp_path, capsys):

@@ -4,7 +4,8 @@ A diffusers DDPM folder (for instance a copy of ``google/ddpm-cifar10-32``) hold
 ``UNet2DModel`` and the config of its ``DDPMScheduler``, either side by side or in
 ``unet/`` and ``scheduler/`` subfolders.  :func:`load_diffusers` turns it into
 
-* an eps-model ``eps(x_t, t, cond)`` = ``unet(x_t, t).sample`` (cond must be None),
+* an eps-model ``eps(x_t, t, cond)`` = ``unet(x_t, t).sample`` (cond must be None); a scheduler
+  ``prediction_type`` of v_prediction or sample is converted to eps (:mod:`condiff.prediction`),
 * the :class:`~condiff.schedule.Schedule` of its ``alphas_cumprod``, converted once
   by :meth:`Schedule.from_alphas_cumprod` (abar_t = sqrt(alphas_cumprod[t])),
 
@@ -23,9 +24,10 @@ from pathlib import Path
 import torch
 
 from .errors import CondiffError
+from .prediction import PREDICTION_KEY, as_eps_model
 from .schedule import Schedule
 
-__all__ = ["DiffusersEps", "load_diffusers", "diffusers_schedule", "check_classifier_schedule"]
+__all__ = ["DiffusersEps", "load_diffusers", "diffusers_schedule", "diffusers_prediction", "check_classifier_schedule"]
 
 INSTALL_HINT = "diffusers is not installed: pip install 'condiff[diffusers]' (or pip install diffusers)"
 
@@ -40,7 +42,8 @@ def _import_diffusers():
 
 
 class DiffusersEps(torch.nn.Module):
-    """eps(x_t, t, cond) of an unconditional diffusers ``UNet2DModel`` (epsilon prediction).
+    """The output of an unconditional diffusers ``UNet2DModel``: eps(x_t, t, cond) for epsilon prediction
+    (:func:`load_diffusers` converts a v_prediction or sample model's output to eps).
 
     Args of the call: x_t (B, C, H, W) in the model's [-1, 1] range, t (B,) long
     0-based timesteps; ``cond`` must be None (the model is unconditional).
@@ -71,13 +74,23 @@ def _folder(root: Path, sub: str, filename: str) -> Path | None:
     return None
 
 
+#: diffusers' ``prediction_type`` -> condiff's prediction target (:mod:`condiff.prediction`): the same
+#: quantities, as diffusers' v = sqrt(alphas_cumprod) eps - sqrt(1 - alphas_cumprod) x_0 = abar_t eps - bbar_t x_0.
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def diffusers_prediction(scheduler_config: dict) -> str:
+    """condiff's name ("eps", "v" or "x0") of a diffusers scheduler config's ``prediction_type``."""
+    pred = scheduler_config.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise CondiffError(f"scheduler prediction_type {pred!r} is not supported; condiff loads "
+                           f"{', '.join(PREDICTION_TYPES)}")
+    return PREDICTION_TYPES[pred]
+
+
 def diffusers_schedule(scheduler_config: dict) -> Schedule:
     """The Schedule of a diffusers scheduler config: its ``alphas_cumprod`` through the one conversion point."""
     diffusers = _import_diffusers()
-    pred = scheduler_config.get("prediction_type", "epsilon")
-    if pred != "epsilon":
-        raise CondiffError(f"scheduler prediction_type {pred!r} is not supported; condiff needs an "
-                           "epsilon-prediction model")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sched = diffusers.DDPMScheduler.from_config(scheduler_config)
@@ -110,6 +123,7 @@ def load_diffusers(path, device="cpu", trust_pickle: bool = False):
         raise CondiffError(f"{unet_dir}: a {unet_config.get('_class_name')}, not a UNet2DModel")
     if unet_config.get("num_class_embeds") or unet_config.get("class_embed_type"):
         raise CondiffError(f"{unet_dir}: a class-conditional UNet2DModel; only unconditional ones are supported")
+    prediction = diffusers_prediction(sched_config)
     schedule = diffusers_schedule(sched_config)
     safe = (unet_dir / "diffusion_pytorch_model.safetensors").is_file()
     if not safe and not trust_pickle:
@@ -128,6 +142,9 @@ def load_diffusers(path, device="cpu", trust_pickle: bool = False):
         raise CondiffError(f"{unet_dir}: out_channels {unet.config.out_channels} != in_channels "
                            f"{model.in_channels}; not an eps-model")
     config = {"image_shape": list(model.image_shape), "class_names": [], "source": str(root)}
+    if prediction != "eps":  # a v- or x_0-prediction UNet: converted to eps once, as condiff's own (eq 22)
+        model = as_eps_model(model, schedule, prediction)
+        config[PREDICTION_KEY] = prediction
     return model, schedule, config
 
 
