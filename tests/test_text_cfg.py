@@ -215,6 +215,24 @@ def test_cli_train_text_with_init_then_sample_prompt(tmp_path, fake_minilm):
     assert rc == 2 and "--init applies to --cond text" in err
 
 
+def test_cli_text_model_predicts_what_its_init_predicts(tmp_path, fake_minilm):
+    from condiff.checkpoints import latest_checkpoint, read_config
+    from condiff.prediction import prediction_of
+
+    npz = write_npz(tmp_path / "d.npz", tiny_data())
+    common = ["--data", npz, "--steps", "1", "--batch-size", "16", "--channels", "8,8", "--stem", "1",
+              "--T", "100", "--no-progress", "--device", "cpu", "--warmup", "1"]
+    rc, _, err = run_cli_inprocess(["train", "--out", tmp_path / "cls", "--prediction", "v", *common])
+    assert rc == 0, err
+    rc, _, err = run_cli_inprocess(["train", "--cond", "text", "--init", tmp_path / "cls", "--out",
+                                    tmp_path / "txt", *common])  # no --prediction: the init's, v
+    assert rc == 0, err
+    assert prediction_of(read_config(latest_checkpoint(tmp_path / "txt"))) == "v"
+    rc, _, err = run_cli_inprocess(["train", "--cond", "text", "--init", tmp_path / "cls", "--out",
+                                    tmp_path / "eps", "--prediction", "eps", *common])
+    assert rc == 2 and "predicts v: train from it with --prediction v" in err, err
+
+
 def test_text_cfg_sweep_scores_attributes_on_heldout_prompts(tmp_path):
     from condiff.captions import AttributeRule
     from condiff.evaluation import Evaluator, read_samples

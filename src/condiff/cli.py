@@ -213,6 +213,8 @@ def cmd_train(args) -> int:
     num_classes = data.num_classes if args.cond == "class" else None
     if args.init and args.cond != "text":
         raise CondiffError("--init applies to --cond text (a class model's weights as the starting point)")
+    if args.prediction is None and not args.init:
+        args.prediction = "eps"
     text = args.cond == "text"
     if text:
         from .similarity.text import TEXT_DIM
@@ -270,6 +272,8 @@ def _caption_training(args, data, names, schedule, meta, model, out: Path, main:
         init_config = read_config(resolve_checkpoint(args.init))
         if init_config.get("network", {}).get("num_classes") is None:
             raise CondiffError(f"{args.init}: --init takes a class-conditional eps-model")
+        if args.prediction is None:  # the default: what the model it starts from predicts
+            args.prediction = prediction_of(init_config, str(args.init))
         if prediction_of(init_config, str(args.init)) != args.prediction:
             raise CondiffError(f"{args.init} predicts {prediction_of(init_config)}: train from it with "
                                f"--prediction {prediction_of(init_config)}")
@@ -580,8 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "5 is usual; default: off); with --prediction v by min(SNR, G)/(SNR+1), x0 by min(SNR, G)")
     p.add_argument("--t-sampling", choices=["uniform", "stratified"], default="uniform",
                    help="t within a batch: i.i.d. uniform (default) or stratified over [0, T)")
-    p.add_argument("--prediction", choices=list(PREDICTIONS), default="eps",
-                   help="what the network learns to predict: eps (eq 22, default), v = abar*eps - bbar*x0, or x0; "
+    p.add_argument("--prediction", choices=list(PREDICTIONS), default=None,
+                   help="what the network learns to predict: eps (eq 22; the default, or with --init what that model "
+                        "predicts), v = abar*eps - bbar*x0, or x0; "
                         "stored in the checkpoint and converted to eps when it is loaded, so every sampler and "
                         "guidance works unchanged; --min-snr-gamma weights each target to the same x0 weighting")
     p.add_argument("--attention", action="store_true",
@@ -626,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "--text-encoder and --image-encoder)")
     p.add_argument("--diffusers-model", default=None, metavar="DIR",
                    help="instead of --ckpt: a local diffusers folder with an unconditional UNet2DModel and its "
-                        "scheduler config (epsilon prediction), guided with --classifier; needs condiff[diffusers]")
+                        "scheduler config (epsilon, v_prediction or sample), guided with --classifier; needs condiff[diffusers]")
     p.add_argument("--class", dest="classes", action="append", default=[],
                    help="class name (case-insensitive) or index; repeat for one grid row per class")
     p.add_argument("--prompt", dest="prompts", action="append", default=[],
