@@ -89,6 +89,10 @@ print("| %s | %s | %.3f -> %.3f (%g) | %.2f (%g) | %.2f -> %.2f |" % (sys.argv[2
 PY
   done
   echo
+  if [ -f docs/results/recommended.md ]; then  # written by hand from the numbers below: kept across reruns
+    cat docs/results/recommended.md
+    echo
+  fi
   for m in $METHODS; do
     [ -f "$OUT/$m/results.md" ] || continue
     rm -f "docs/results/$m"-grid-scale-*.png  # grids of scales this run did not sample
