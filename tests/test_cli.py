@@ -1,6 +1,7 @@
 """The condiff CLI end to end on tiny data, and its one-line errors (issues 2-4)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -142,14 +143,17 @@ def test_demo_writes_every_section_and_an_index(trained, tmp_path):
     files = sorted(f.name for f in (tmp_path / "demo").iterdir())
     grids = [f for f in files if f.endswith(".png")]
     assert "index.html" in files and "report.md" in files
-    assert {"unguided.png", "cfg-w0.png", "cfg-w1.png", "cfg-w3.png", "classifier-g0.png", "classifier-g16.png"} <= set(grids)
+    from condiff.compose import DEFAULT_SCALES
+
+    assert {"unguided.png", "cfg-w0.png", f"cfg-w{DEFAULT_SCALES['cfg']:g}.png", "cfg-w2.png", "classifier-g0.png",
+            "classifier-g16.png"} <= set(grids)
     page = (tmp_path / "demo" / "index.html").read_text()
     report = (tmp_path / "demo" / "report.md").read_text()
     for g in grids:  # every grid is laid out and labelled in both
         assert f"src='{g}'" in page and f"({g})" in report
-    assert "gamma = 16" in page and "w = 1 (s = 2)" in page
+    assert "gamma = 16" in page and f"w = {DEFAULT_SCALES['cfg']:g} (s = {1 + DEFAULT_SCALES['cfg']:g})" in page
     assert "grid 1 of" not in p.stderr  # --no-progress: silent
-    assert "auto (unipc, or dpm++2m-sde with gradient terms), 5 steps" in page and "condiff sample --ckpt" in report and "--cfg-w 1" in report
+    assert "auto (unipc, or dpm++2m-sde with gradient terms), 5 steps" in page and "condiff sample --ckpt" in report and f"--cfg-w {DEFAULT_SCALES['cfg']:g}" in report
 
 
 def test_demo_shows_progress_unless_told_not_to(trained, tmp_path):
@@ -219,4 +223,37 @@ def test_training_recipe_rejects_an_unknown_stage():
     p = subprocess.run(["bash", str(script), "nope"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "train_shipped.sh: unknown stage 'nope' (cfg, cfg-v1, clf, clean, judge, enc-image, enc-text, export, "
-        "text-cfg, export-text-cfg, enc-text-attr, export-enc-text-attr)"]
+        "export-cfg, text-cfg, export-text-cfg, enc-text-attr, export-enc-text-attr)"]
+
+
+def test_training_recipe_gives_the_eps_model_both_threads_once_lane_b_is_done(tmp_path):
+    """The recipe's lanes with a stand-in for condiff: the eps-model starts on THREADS threads beside lane B,
+    is stopped by SIGTERM when lane B ends (a real run checkpoints and exits 0), and resumes on twice as many."""
+    import subprocess
+    from pathlib import Path
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "fake-condiff"
+    fake.write_text(f"""#!/usr/bin/env bash
+out=; prev=; for a in "$@"; do [ "$prev" = --out ] && out=${{a##*/}}; prev=$a; done
+echo "$1 $OMP_NUM_THREADS $out" >> {calls}
+if [ "$1" = train ] && [ "$out" = cfg ] && [ "$OMP_NUM_THREADS" = 1 ]; then
+  trap 'echo stopped >> {calls}; exit 0' TERM
+  for i in $(seq 300); do sleep 0.1; done
+  echo "not stopped" >> {calls}
+fi
+""")
+    fake.chmod(0o755)
+    (tmp_path / "dest").mkdir()  # what the real export makes
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_shipped.sh"
+    env = {**os.environ, "RUNS": str(tmp_path / "runs"), "DEST": str(tmp_path / "dest"), "CONDIFF": str(fake),
+           "THREADS": "1"}
+    p = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0, p.stderr
+    lines = calls.read_text().splitlines()
+    assert lines.index("train 1 cfg") < lines.index("stopped") < lines.index("train 2 cfg")
+    assert lines.index("train-encoder 1 enc-text") < lines.index("stopped") and "not stopped" not in lines
+    assert "lane B done: the eps-model resumes with 2 threads" in p.stdout
+    exports = [line.split()[-1] for line in lines if line.startswith("export")]
+    assert lines.index("train 2 cfg") < lines.index(next(x for x in lines if x.startswith("export")))
+    assert exports[:4] == ["fashion-cfg", "fashion-classifier", "fashion-clean-classifier", "fashion-cfg-weak"]

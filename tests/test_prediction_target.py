@@ -204,11 +204,18 @@ def test_config_key_round_trips_and_old_configs_are_eps(tmp_path):
     assert type(model) is UNet and PREDICTION_KEY not in config
 
 
-def test_shipped_model_loads_as_before():
+def test_shipped_models_predict_v_and_load_as_eps_models():
+    """Recipe v3's eps-model and its weak snapshot predict v; loaded, they give eps = abar_t v + bbar_t x_t."""
     from condiff.zoo import shipped
 
-    model, _, config = load_diffusion(shipped("diffusion"))
-    assert type(model) is UNet and prediction_of(config) == "eps"
+    for role in ("diffusion", "weak-diffusion"):
+        model, schedule, config = load_diffusion(shipped(role))
+        assert prediction_of(config) == "v" and isinstance(model, EpsFromPrediction) and type(model.net) is UNet
+        x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([5, 400, 990]), torch.tensor([0, 5, 10])  # 10: the null class
+        with torch.no_grad():
+            v, eps = model.net(x, t, y), model(x, t, y)
+        abar, bbar = schedule.gather(t, x)
+        assert torch.allclose(eps, abar * v + bbar * x, atol=1e-5)
 
 
 @pytest.mark.parametrize("prediction", ["v", "x0"])
@@ -237,15 +244,18 @@ def test_tiny_cli_run_saves_reloads_and_samples(tmp_path, prediction):
                                     "--n", "2", "--out", tmp_path / "g.png", "--no-progress", "--device", "cpu"])
     assert rc == 0, err
     assert (tmp_path / "g.png").is_file()
+    rc, _, err = run_cli_inprocess(["export", "--ckpt", run, "--out", tmp_path / "m"])
+    assert rc == 0, err
+    assert f"- prediction target: {prediction} (converted to eps when loaded" in (tmp_path / "m" / "README.md").read_text()
     # resuming the run with another target is refused
     rc, _, err = run_cli_inprocess(["train", "--data", data, "--out", run, "--steps", "4", "--batch-size", "16",
                                     "--channels", "4,8", "--image-size", "8", "--T", "50", "--no-progress",
                                     "--device", "cpu"])
     assert rc == 2 and f"predicts {prediction}" in err and _error_lines(err) == 1, err
-    # so is a text model started (--init) from it with another target
+    # so is a text model started (--init) from it with another target (without --prediction it takes the init's)
     rc, _, err = run_cli_inprocess(["train", "--data", data, "--out", tmp_path / "txt", "--cond", "text", "--init",
                                     run, "--steps", "1", "--batch-size", "16", "--channels", "4,8", "--image-size",
-                                    "8", "--T", "50", "--no-progress", "--device", "cpu"])
+                                    "8", "--T", "50", "--no-progress", "--device", "cpu", "--prediction", "eps"])
     assert rc == 2 and f"--prediction {prediction}" in err and _error_lines(err) == 1, err
 
 

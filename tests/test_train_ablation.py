@@ -48,7 +48,7 @@ def test_v1_row_is_the_old_recipe_and_v2_rows_differ_by_exactly_their_levers():
         row = ab.row_flags(ab.ROWS[f"v2+{target}-target"], budget)
         assert row == v2[:v2.index("--ckpt-every")] + ["--prediction", target] + \
             v2[v2.index("--ckpt-every"):]
-        assert _parsed(row).prediction == target and _parsed(v2).prediction == "eps"
+        assert _parsed(row).prediction == target and _parsed(v2).prediction is None  # None: eps (the default without --init)
 
 
 def test_speed_rows_train_the_speed_budget_and_threads_go_to_the_environment():

@@ -72,16 +72,16 @@ DEFAULT_CLIP_X0 = 1.0  # the data range: a tiny abar_{T-1} (cosine: 5e-5) otherw
 #: the measured sweeps of the shipped Fashion-MNIST models (docs/results.md, 1000 samples per scale,
 #: judge accuracy and FID_fm; docs/which-method.md explains each choice). "cfg" is the article's w
 #: (eq 24; diffusers' guidance_scale is 1 + w), the others are gamma (eqs 8, 14).
-DEFAULT_SCALES = {"cfg": 1.0, "classifier": 16.0, "text": 100.0, "image": 100.0, "style": 10.0, "text-cfg": 2.0}
+DEFAULT_SCALES = {"cfg": 0.5, "classifier": 16.0, "text": 100.0, "image": 100.0, "style": 10.0, "text-cfg": 2.0}
 #: The useful range of each scale in words, as measured (docs/results.md): shown by ``--help``.
 SCALE_RANGES = {
-    "cfg": "typical 1-2: judge accuracy 0.84 at w=0, 0.97 at 1, 0.98 at 1.5, 0.99 at 2, but FID_fm is lowest at 1 "
-           "(6.6) and doubles by 2 (13.9) as diversity falls",
-    "classifier": "typical 16-32: judge accuracy 0.11 at 0, 0.83 at 4, 0.90 at 16, 0.92 at 32 (DDIM eta 0; "
+    "cfg": "typical 0.5-1: judge accuracy 0.87 at w=0, 0.96 at 0.5, 0.97 at 0.75, 0.98 at 1, 0.995 at 2, but "
+           "FID_fm is lowest at 0.5 (5.4) and more than triples by 2 (18.6) as diversity falls",
+    "classifier": "typical 16-32: judge accuracy 0.09 at 0, 0.81 at 4, 0.90 at 16, 0.91 at 32 (DDIM eta 0; "
                   "0.96 at 16 with eta 1), where it saturates while recall keeps falling",
-    "text": "typical 100: judge accuracy 0.97 at 100 on class prompts, 0.85 on paraphrases never seen in "
-            "training; 300 was no better with the previous release (worse FID_fm and recall)",
-    "image": "typical 30-100: judge accuracy 0.90 at 30, 0.93 at 100; 30 keeps more diversity (FID_fm 20 vs 25)",
+    "text": "typical 100: judge accuracy 0.97 at 100 on class prompts, 0.86 on paraphrases never seen in "
+            "training; 300 was no better with an earlier release (worse FID_fm and recall)",
+    "image": "typical 30-100: judge accuracy 0.90 at 30, 0.94 at 100; 30 keeps more diversity (FID_fm 19.7 vs 21.1)",
     "style": "with the shipped encoder no visible stripes at any scale measured, 0-100 (docs/similarity.md); "
              "at 100 it adds noisy texture",
     "text-cfg": "judge accuracy 0.99 at 2 on prompts in training phrasings (brightness followed 0.82 of the time, "
