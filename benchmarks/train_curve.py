@@ -8,7 +8,8 @@ Each ``--run LABEL=DIR`` contributes a point per checkpoint kept in DIR/checkpoi
 ``--keep`` large); each ``--posthoc-run LABEL=DIR`` a point per post-hoc EMA snapshot
 DIR/posthoc-ema/step-N/sigma-S (S = --sigma, default 0.050), both loadable checkpoint folders. A point
 at step N sits at N's training CPU-minutes: the run's cumulative wall_s at step N (metrics.jsonl,
-linear between log records; it counts resumed runs' time too) times --threads, over 60. Wall time
+linear between log records; it counts resumed runs' time too) times --threads (or that run's
+--threads-of), over 60. Wall time
 on a shared machine is CPU time only while the run has its thread to itself, so the x-axis is an
 upper bound of the CPU the run used.
 
@@ -104,6 +105,8 @@ def main() -> None:
                     help="LABEL=DIR: a run's post-hoc EMA snapshots of width --sigma")
     ap.add_argument("--sigma", type=float, default=0.05, help="post-hoc EMA width of --posthoc-run (default 0.05)")
     ap.add_argument("--threads", type=int, default=1, help="threads each run trained on (default 1)")
+    ap.add_argument("--threads-of", type=_spec, action="append", default=[], metavar="LABEL=N",
+                    help="threads the run LABEL trained on, where not --threads (e.g. a two-thread release)")
     ap.add_argument("--w", type=float, default=2.0)
     ap.add_argument("--n", type=int, default=250)
     ap.add_argument("--sampler-steps", type=int, default=25)
@@ -113,8 +116,13 @@ def main() -> None:
     ap.add_argument("--png", default=str(_REPO / "docs" / "training" / "fid-vs-cpu-minutes.png"))
     args = ap.parse_args()
     try:
-        points = [p for label, run in args.run for p in curve_points(label, run, None, args.threads)]
-        points += [p for label, run in args.posthoc_run for p in curve_points(label, run, args.sigma, args.threads)]
+        bad = [f"{label}={n}" for label, n in args.threads_of if not str(n).isdigit() or int(str(n)) < 1]
+        if bad:
+            raise CondiffError(f"--threads-of {bad[0]}: N must be a whole number of threads >= 1")
+        threads = {label: int(str(n)) for label, n in args.threads_of}
+        points = [p for label, run in args.run for p in curve_points(label, run, None, threads.get(label, args.threads))]
+        points += [p for label, run in args.posthoc_run
+                   for p in curve_points(label, run, args.sigma, threads.get(label, args.threads))]
     except CondiffError as e:
         ap.exit(2, f"error: {e}\n")
     if not points:
@@ -143,7 +151,8 @@ def main() -> None:
         p.update(fid_fm=scores[key]["fid_fm"], judge_accuracy=scores[key]["judge_accuracy"])
     floor = next(iter(scores.values()))["fid_fm_floor"]
     settings = {**vars(args), "run": [[lb, str(r)] for lb, r in args.run],
-                "posthoc_run": [[lb, str(r)] for lb, r in args.posthoc_run]}
+                "posthoc_run": [[lb, str(r)] for lb, r in args.posthoc_run],
+                "threads_of": [[lb, str(n)] for lb, n in args.threads_of]}
     (out / "curve.json").write_text(json.dumps({"settings": settings,
                                                 "fid_fm_floor": floor, "points": points}, indent=1))
     png = plot(points, Path(args.png), args.w, args.n, floor)
