@@ -97,6 +97,13 @@ def _spec(text: str) -> tuple[str, Path]:
     return label, Path(path)
 
 
+def _threads_spec(text: str) -> tuple[str, int]:
+    label, sep, n = text.partition("=")
+    if not sep or not label or not n.isdigit() or int(n) < 1:
+        raise argparse.ArgumentTypeError(f"expected LABEL=N with N a whole number of threads >= 1, got {text!r}")
+    return label, int(n)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +112,7 @@ def main() -> None:
                     help="LABEL=DIR: a run's post-hoc EMA snapshots of width --sigma")
     ap.add_argument("--sigma", type=float, default=0.05, help="post-hoc EMA width of --posthoc-run (default 0.05)")
     ap.add_argument("--threads", type=int, default=1, help="threads each run trained on (default 1)")
-    ap.add_argument("--threads-of", type=_spec, action="append", default=[], metavar="LABEL=N",
+    ap.add_argument("--threads-of", type=_threads_spec, action="append", default=[], metavar="LABEL=N",
                     help="threads the run LABEL trained on, where not --threads (e.g. a two-thread release)")
     ap.add_argument("--w", type=float, default=2.0)
     ap.add_argument("--n", type=int, default=250)
@@ -116,10 +123,7 @@ def main() -> None:
     ap.add_argument("--png", default=str(_REPO / "docs" / "training" / "fid-vs-cpu-minutes.png"))
     args = ap.parse_args()
     try:
-        bad = [f"{label}={n}" for label, n in args.threads_of if not str(n).isdigit() or int(str(n)) < 1]
-        if bad:
-            raise CondiffError(f"--threads-of {bad[0]}: N must be a whole number of threads >= 1")
-        threads = {label: int(str(n)) for label, n in args.threads_of}
+        threads = dict(args.threads_of)
         points = [p for label, run in args.run for p in curve_points(label, run, None, threads.get(label, args.threads))]
         points += [p for label, run in args.posthoc_run
                    for p in curve_points(label, run, args.sigma, threads.get(label, args.threads))]
@@ -152,7 +156,7 @@ def main() -> None:
     floor = next(iter(scores.values()))["fid_fm_floor"]
     settings = {**vars(args), "run": [[lb, str(r)] for lb, r in args.run],
                 "posthoc_run": [[lb, str(r)] for lb, r in args.posthoc_run],
-                "threads_of": [[lb, str(n)] for lb, n in args.threads_of]}
+                "threads_of": [list(spec) for spec in args.threads_of]}
     (out / "curve.json").write_text(json.dumps({"settings": settings,
                                                 "fid_fm_floor": floor, "points": points}, indent=1))
     png = plot(points, Path(args.png), args.w, args.n, floor)

@@ -272,11 +272,11 @@ def _caption_training(args, data, names, schedule, meta, model, out: Path, main:
         init_config = read_config(resolve_checkpoint(args.init))
         if init_config.get("network", {}).get("num_classes") is None:
             raise CondiffError(f"{args.init}: --init takes a class-conditional eps-model")
+        theirs = prediction_of(init_config, str(args.init))
         if args.prediction is None:  # the default: what the model it starts from predicts
-            args.prediction = prediction_of(init_config, str(args.init))
-        if prediction_of(init_config, str(args.init)) != args.prediction:
-            raise CondiffError(f"{args.init} predicts {prediction_of(init_config)}: train from it with "
-                               f"--prediction {prediction_of(init_config)}")
+            args.prediction = theirs
+        if theirs != args.prediction:
+            raise CondiffError(f"{args.init} predicts {theirs}: train from it with --prediction {theirs}")
     coded, rule = caption_dataset(data)
     encoder = load_text_encoder("cpu")  # a missing extra fails here
     task, bank = build_caption_task(schedule, names, encoder, cache=out / "captions.safetensors" if main else None,

@@ -16,7 +16,7 @@ Every sampler, guidance term and the CLI take an ``eps(x_t, t, cond)`` callable 
 conversion happens once, when a checkpoint is loaded (:func:`condiff.pipeline.load_diffusion` wraps
 the network in :class:`EpsFromPrediction`) and in training's sample grids.  The choice is stored in
 the checkpoint's config under :data:`PREDICTION_KEY`; a config without the key predicts eps, so old
-run folders and the shipped models load as before.
+run folders load as before (the shipped ``fashion-cfg`` of recipe v3 predicts v).
 
 Training (:class:`condiff.training.DiffusionTask`) regresses on :func:`regression_target`; the
 min-SNR-gamma weight of each target is min(SNR, gamma) / :func:`x0_error_scale` (Hang et al. 2023).

@@ -17,7 +17,7 @@ from .checkpoints import load_tensors, check_weights, read_config, resolve_check
 from .errors import CondiffError
 from .integrity import MANIFEST, sha256_file, write_manifest
 from .packaged import SHIPPED, models_dir  # noqa: F401 (part of this module's interface)
-from .prediction import PREDICTION_KEY
+from .prediction import prediction_of
 
 EXPORT_FILES = ("config.json", "model.safetensors", "README.md", MANIFEST)  # all an export folder holds
 
@@ -173,8 +173,8 @@ def _write_export(tmp: Path, ckpt: Path, run: Path, config: dict, params: int, n
              f"seed {train.get('seed')}",
              f"- wall time: {metrics.pop('wall time', wall)} on the machine that trained it",
              f"- final training loss: {last.get('loss', 'unknown')}"]
-    if config.get(PREDICTION_KEY, "eps") != "eps":
-        lines.append(f"- prediction target: {config[PREDICTION_KEY]} (converted to eps when loaded: condiff.prediction)")
+    if prediction_of(config) != "eps":
+        lines.append(f"- prediction target: {prediction_of(config)} (converted to eps when loaded: condiff.prediction)")
     if config.get("p_uncond") is not None:
         lines.append(f"- condition dropout p_uncond: {config['p_uncond']}")
     if config.get("schedule"):

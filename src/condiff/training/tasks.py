@@ -118,8 +118,7 @@ class DiffusionTask:
         eps = shard.randn(x0.shape, generator).to(x0.device)
         cond = self.drop_condition(unwrap(model), y, generator, shard) if unwrap(model).conditional else None
         pred = model(self.schedule.add_noise(x0, t, eps), t, cond)
-        target = eps if self.prediction == "eps" else \
-            regression_target(self.prediction, x0.float(), eps, *self.schedule.gather(t, eps))
+        target = regression_target(self.prediction, x0.float(), eps, *self.schedule.gather(t, eps))
         if self.min_snr_gamma is None:
             return F.mse_loss(pred.float(), target), {}
         per_row = (pred.float() - target).pow(2).flatten(1).mean(1)
