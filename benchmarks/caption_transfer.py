@@ -13,10 +13,12 @@ training captions that state the same facts:
 * **word pairs:** cos(E("a W dress"), E("a P dress")) against cos(E("a W dress"), E("a N dress")) for each
   held-out word W, P the first training word of its own value and N of the other value.
 
-    .venv/bin/python benchmarks/caption_transfer.py [--cache runs/text-cfg/captions.safetensors]
+    .venv/bin/python benchmarks/caption_transfer.py [--vocabulary basic|rich] [--cache runs/text-cfg/captions.safetensors]
 
-About 80 s of one CPU thread to embed the 10,788 training captions, unless --cache holds them (a
-text-conditional run folder's captions.safetensors does).
+``--vocabulary rich`` fits the probes on the rich training vocabulary (condiff.captions.VOCABULARIES: many more
+nouns, words and templates); the held-out prompts are the same. About 80 s of one CPU thread to embed the 10,788
+basic training captions (150 s for the 20,654 rich ones), unless --cache holds them (a text-conditional run
+folder's captions.safetensors does).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from condiff.captions import ATTRIBUTES, WORDS, CaptionBank, heldout_prompts, split_captions  # noqa: E402
+from condiff.captions import (ATTRIBUTES, VOCABULARIES, WORDS, CaptionBank, heldout_prompts,  # noqa: E402
+                              split_captions)
 from condiff.data import FASHION_MNIST_CLASSES  # noqa: E402
 from condiff.similarity.text import load_text_encoder  # noqa: E402
 
@@ -38,16 +41,18 @@ from condiff.similarity.text import load_text_encoder  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", default=None, help="a CaptionBank file of the training captions (reused if it holds them)")
+    ap.add_argument("--vocabulary", choices=VOCABULARIES, default="basic",
+                    help="the training vocabulary the probes are fitted on (default basic)")
     args = ap.parse_args()
     names = FASHION_MNIST_CLASSES
     te = load_text_encoder("cpu")
-    train, held = split_captions(names, "train"), heldout_prompts(names)
+    train, held = split_captions(names, "train", args.vocabulary), heldout_prompts(names)
     bank = CaptionBank.build([c.text for c in train], te, cache=args.cache)
     E = F.normalize(bank.lookup([c.text for c in train]).float(), dim=-1)
     Q = F.normalize(torch.as_tensor(te.encode([c.text for c in held])).float(), dim=-1)
 
     nn = (Q @ E.T).argmax(1).tolist()
-    print(f"{len(held)} held-out prompts, {len(train)} training captions")
+    print(f"{len(held)} held-out prompts, {len(train)} training captions ({args.vocabulary} vocabulary)")
     print(f"nearest training caption has the prompt's class: {sum(train[j].label == h.label for j, h in zip(nn, held)) / len(held):.3f}")
     X = torch.cat([E, torch.ones(len(E), 1)], 1).double()
     Xq = torch.cat([Q, torch.ones(len(Q), 1)], 1).double()

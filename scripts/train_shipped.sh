@@ -3,7 +3,7 @@
 # then exports it with a model card.
 #
 #   bash scripts/train_shipped.sh                 # every stage, two lanes in parallel, then export
-#   bash scripts/train_shipped.sh cfg             # one stage: cfg | cfg-v1 | clf | clean | judge | enc-image | enc-text | export | export-cfg
+#   bash scripts/train_shipped.sh cfg             # one stage: cfg | cfg-v1 | clf | clean | judge | enc-image | enc-text | export | export-cfg | export-clf
 #   bash scripts/train_shipped.sh text-cfg export-text-cfg   # text to image by CFG (after export: it starts from fashion-cfg)
 #   bash scripts/train_shipped.sh enc-text-attr export-enc-text-attr   # text guidance with attribute captions
 #   RUNS=/tmp/runs DEVICE=cuda bash scripts/train_shipped.sh
@@ -16,8 +16,9 @@
 #
 # Recipe v3 (docs/training.md): the eps-model predicts v (converted to eps at load, condiff.prediction)
 # and trains 6000 steps with min-SNR-5 loss weighting, stratified t, cosine lr decay to the last step
-# and post-hoc EMA profiles (whose early snapshots give the weak model of autoguidance); the
-# classifiers and encoders with cosine lr decay (unchanged since v2). The judge is not retrained: it
+# and post-hoc EMA profiles (whose early snapshots give the weak model of autoguidance); the clean
+# classifier and the encoders with cosine lr decay (unchanged since v2); the noise-aware classifier with a
+# constant lr, as in v1 (release 3.1: it guides better so). The judge is not retrained: it
 # measures every release and guides none. Stage cfg-v1 is the first release's eps-model recipe, kept
 # for the comparison in docs/training.md.
 #
@@ -35,7 +36,10 @@ DEST=${DEST:-src/condiff/models}
 # The exact commands, also recorded in each model card ("condiff" stands for $CONDIFF).
 CMD_CFG="train --out $RUNS/cfg --steps ${CFG_STEPS:-6000} --batch-size 128 --channels 64,96 --blocks 1 --lr 1e-3 --warmup 100 --ema-decay 0.999 --p-uncond 0.1 --ckpt-every 100 --seed 0 --min-snr-gamma 5 --t-sampling stratified --lr-schedule cosine --ema-profiles 0.05,0.1 --prediction v"
 CMD_CFG_V1="train --out $RUNS/cfg-v1 --steps 1500 --batch-size 128 --channels 64,96 --blocks 1 --lr 1e-3 --warmup 100 --ema-decay 0.999 --p-uncond 0.1 --ckpt-every 100 --seed 0"
-CMD_CLF="train-classifier --out $RUNS/clf --steps 3000 --channels 48,96 --ckpt-every 250 --seed 0 --lr-schedule cosine"
+# The noise-aware classifier keeps a constant lr after warm-up: with cosine decay (releases 2 and 3.0) it guided worse
+# with DDIM eta 0 at every gamma, and no better with the default SDE solver (docs/training.md, "The classifier's
+# learning-rate schedule").
+CMD_CLF="train-classifier --out $RUNS/clf --steps 3000 --channels 48,96 --ckpt-every 250 --seed 0"
 CMD_CLEAN="train-classifier --clean --out $RUNS/clean-clf --steps 1000 --channels 48,96 --ckpt-every 250 --seed 0 --lr-schedule cosine"
 CMD_JUDGE="train-judge --out $RUNS/judge --steps 1200 --seed 0"
 CMD_ENC_IMAGE="train-encoder --kind image --out $RUNS/enc-image --clean-steps 4000 --steps 2000 --ema-decay 0.995 --ckpt-every 100 --seed 1 --lr-schedule cosine"
@@ -44,10 +48,11 @@ CMD_ENC_TEXT="train-encoder --kind text --init $RUNS/enc-image --out $RUNS/enc-t
 # ($DEST/fashion-cfg, so run it after `export`): every weight copied, the null embedding from its null class, the
 # caption projection fitted to its class embeddings. Captions with pixel attributes (condiff.captions), MiniLM
 # embeddings computed once into RUNS/text-cfg/captions.safetensors. Not part of the default lanes. It predicts
-# what fashion-cfg predicts (--prediction defaults to the --init model's). The shipped fashion-text-cfg was
-# fine-tuned from the previous release's fashion-cfg (recipe v2, eps; its card has the command).
+# what fashion-cfg predicts (--prediction defaults to the --init model's: v since recipe v3). The shipped one stays
+# the model fine-tuned from recipe v2's fashion-cfg: fine-tuned from v3 (basic or rich captions) it followed the
+# attributes less (docs/text-to-image.md, "Release 3.1: a richer vocabulary and the v3 class model").
 # Sized to <= 35 min on one thread here: 1300 steps at 1.2-1.5 s/step (the text model costs what the class model
-# does: 1.23 vs 1.21-1.28 CPU s/step measured side by side, batch 128) plus about 80 s to embed 10,788 captions.
+# does: 1.23 vs 1.21-1.28 CPU s/step measured side by side, batch 128) plus about 2 min to embed the captions.
 CMD_TEXT_CFG="train --cond text --init $DEST/fashion-cfg --out $RUNS/text-cfg --steps ${TEXT_CFG_STEPS:-1300} --batch-size 128 --channels 64,96 --blocks 1 --lr 5e-4 --warmup 50 --ema-decay 0.998 --p-uncond 0.1 --ckpt-every 100 --seed 0 --min-snr-gamma 5 --t-sampling stratified --lr-schedule cosine"
 # Text similarity guidance that steers attributes too (issue 20, the SDG route): enc-text's recipe, with E1 aligned
 # to captions of each image's class and pixel attributes (66 combinations; 1,452 captions in the stored bank).
@@ -113,6 +118,7 @@ run_stage() {
     enc-text) stage enc-text $CMD_ENC_TEXT ;;
     text-cfg) stage text-cfg $CMD_TEXT_CFG ;;
     export-cfg) export_one cfg fashion-cfg "$CMD_CFG"; export_weak ;;  # the eps-model and its weak model alone
+    export-clf) export_one clf fashion-classifier "$CMD_CLF" ;;
     export-text-cfg) export_one text-cfg fashion-text-cfg "$CMD_TEXT_CFG" ;;
     enc-text-attr) stage enc-text-attr $CMD_ENC_TEXT_ATTR ;;
     export-enc-text-attr) export_one enc-text-attr fashion-text-attr-encoder "$CMD_ENC_TEXT_ATTR" ;;
@@ -124,7 +130,7 @@ run_stage() {
       export_one enc-image fashion-image-encoder "$CMD_ENC_IMAGE"
       export_one enc-text fashion-text-encoder "$CMD_ENC_TEXT"
       du -sh "$DEST" ;;
-    *) echo "train_shipped.sh: unknown stage '$1' (cfg, cfg-v1, clf, clean, judge, enc-image, enc-text, export, export-cfg, text-cfg, export-text-cfg, enc-text-attr, export-enc-text-attr)" >&2; exit 2 ;;
+    *) echo "train_shipped.sh: unknown stage '$1' (cfg, cfg-v1, clf, clean, judge, enc-image, enc-text, export, export-cfg, export-clf, text-cfg, export-text-cfg, enc-text-attr, export-enc-text-attr)" >&2; exit 2 ;;
   esac
 }
 

@@ -5,9 +5,9 @@ import re
 import pytest
 import torch
 
-from condiff.captions import (ATTRIBUTES, NOT_APPLICABLE, NOUNS, TEMPLATES, WORDS, AttributeRule, CaptionBank,
-                              attribute_codes, attribute_values, caption_table, decode_codes, heldout_prompts,
-                              make_caption, split_captions)
+from condiff.captions import (ATTRIBUTES, NOT_APPLICABLE, NOUNS, RICH_NOUNS, RICH_PER_PATTERN, RICH_WORDS, TEMPLATES,
+                              WORDS, AttributeRule, CaptionBank, attribute_codes, attribute_values, caption_table,
+                              decode_codes, heldout_prompts, make_caption, split_captions)
 from condiff.data import FASHION_MNIST_CLASSES
 from condiff.errors import CondiffError
 
@@ -72,8 +72,14 @@ def test_codes_round_trip():
     assert torch.equal(l2, labels) and torch.equal(a2, attrs)
 
 
-def _words(text):
-    return " " + re.sub(r"[^a-z-]+", " ", text.lower()) + " "
+def _words(text):  # split at hyphens too, as MiniLM's tokenizer does: "off-white" would leak "white"
+    return " " + re.sub(r"[^a-z]+", " ", text.lower()) + " "
+
+
+def _heldout_phrases():
+    out = [n for k in NOUNS for _, n in NOUNS[k]["heldout"]]
+    out += [w for a in WORDS for ws in WORDS[a]["heldout"] for w in ws]
+    return out + [t.split("{")[0].strip(" ,") for t in TEMPLATES["heldout"] if t.split("{")[0].strip(" ,")]
 
 
 def test_splits_are_disjoint_and_deterministic():
@@ -81,10 +87,7 @@ def test_splits_are_disjoint_and_deterministic():
     train = split_captions(names, "train")
     assert train == split_captions(names, "train") and len({c.text for c in train}) == len(train)
     corpus = [_words(c.text) for c in train]
-    held_phrases = [n for k in NOUNS for _, n in NOUNS[k]["heldout"]]
-    held_phrases += [w for a in WORDS for ws in WORDS[a]["heldout"] for w in ws]
-    held_phrases += [t.split("{")[0].strip(" ,") for t in TEMPLATES["heldout"] if t.split("{")[0].strip(" ,")]
-    for phrase in held_phrases:
+    for phrase in _heldout_phrases():
         assert not any(_words(phrase) in c for c in corpus), phrase
     prompts = heldout_prompts(names)
     assert prompts == heldout_prompts(names)
@@ -103,8 +106,41 @@ def test_splits_are_disjoint_and_deterministic():
         heldout_prompts(names, "test")
 
 
+def test_rich_vocabulary_adds_sampled_captions_and_never_a_heldout_word():
+    names = FASHION_MNIST_CLASSES
+    basic, rich = split_captions(names, "train"), split_captions(names, "train", "rich")
+    assert rich == split_captions(names, "train", "rich") and rich[:len(basic)] == basic  # fixed seed, basic first
+    assert len({c.text for c in rich}) == len(rich) > len(basic) + 8000
+    corpus = [_words(c.text) for c in rich]
+    for phrase in _heldout_phrases():  # the held-out split is the same for both vocabularies, and unseen in either
+        assert not any(_words(phrase) in c for c in corpus), phrase
+    # the rich words and nouns are used, each caption states what its attributes say, with its own value's words
+    extra = rich[len(basic):]
+    text = " ".join(_words(c.text) for c in extra)
+    assert all(_words(w) in text for a in RICH_WORDS for ws in RICH_WORDS[a] for w in ws)
+    assert all(_words(n) in text for k in RICH_NOUNS for n in RICH_NOUNS[k])
+    for c in extra:
+        for a, v in enumerate(c.attrs):
+            words = WORDS[ATTRIBUTES[a]]["train"]
+            mine = [w for val in (0, 1) for w in words[val] + RICH_WORDS[ATTRIBUTES[a]][val]
+                    if _words(w) in _words(c.text) and (val == v or v == -1)]
+            other = [w for w in words[1 - v] + RICH_WORDS[ATTRIBUTES[a]][1 - v]] if v >= 0 else []
+            assert (v == -1 and not mine) or (v >= 0 and mine), (c, ATTRIBUTES[a])
+            assert not any(_words(w) in _words(c.text) for w in other if w not in mine), (c, ATTRIBUTES[a])
+    # every class and attribute pattern got its draws (repeats removed), and the training phrasings stay captions
+    per = {}
+    for c in extra:
+        per[(c.label, c.attrs)] = per.get((c.label, c.attrs), 0) + 1
+    assert len(per) == 7 * 27 + 3 + 2 * 9 and min(per.values()) >= RICH_PER_PATTERN // 4
+    assert {p.text for p in heldout_prompts(names, "train")} <= {c.text for c in rich}
+    with pytest.raises(CondiffError, match="caption vocabulary"):
+        split_captions(names, "train", "fancy")
+    with pytest.raises(CondiffError, match="training vocabulary"):
+        split_captions(names, "heldout", "rich")
+
+
 def test_captions_never_state_an_attribute_that_does_not_apply():
-    for c in split_captions(FASHION_MNIST_CLASSES, "train"):
+    for c in split_captions(FASHION_MNIST_CLASSES, "train", "rich"):
         for a in NOT_APPLICABLE.get(FASHION_MNIST_CLASSES[c.label], ()):
             assert c.attrs[ATTRIBUTES.index(a)] == -1
 

@@ -223,7 +223,7 @@ def test_training_recipe_rejects_an_unknown_stage():
     p = subprocess.run(["bash", str(script), "nope"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "train_shipped.sh: unknown stage 'nope' (cfg, cfg-v1, clf, clean, judge, enc-image, enc-text, export, "
-        "export-cfg, text-cfg, export-text-cfg, enc-text-attr, export-enc-text-attr)"]
+        "export-cfg, export-clf, text-cfg, export-text-cfg, enc-text-attr, export-enc-text-attr)"]
 
 
 def test_training_recipe_gives_the_eps_model_both_threads_once_lane_b_is_done(tmp_path):

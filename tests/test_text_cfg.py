@@ -199,6 +199,12 @@ def test_cli_train_text_with_init_then_sample_prompt(tmp_path, fake_minilm):
                                     tmp_path / "txt", *common])
     assert rc == 0, err
     assert (tmp_path / "txt" / "captions.safetensors").is_file()
+    from condiff.checkpoints import latest_checkpoint, read_config
+
+    config = read_config(latest_checkpoint(tmp_path / "txt"))  # the basic training vocabulary by default
+    assert config["text_condition"]["captions"] == config["captions"] == "attributes"
+    assert len(CaptionBank.load(tmp_path / "txt" / "captions.safetensors")) == \
+        len(split_captions(tiny_data().class_names, "train"))
     rc, out, err = run_cli_inprocess(["sample", "--ckpt", tmp_path / "txt", "--prompt", "a dark dress",
                                       "--prompt", "a wide coat", "--cfg-w", "2", "--steps", "3", "--n", "2",
                                       "--out", tmp_path / "g.png", "--no-progress", "--device", "cpu"])
@@ -225,9 +231,13 @@ def test_cli_text_model_predicts_what_its_init_predicts(tmp_path, fake_minilm):
     rc, _, err = run_cli_inprocess(["train", "--out", tmp_path / "cls", "--prediction", "v", *common])
     assert rc == 0, err
     rc, _, err = run_cli_inprocess(["train", "--cond", "text", "--init", tmp_path / "cls", "--out",
-                                    tmp_path / "txt", *common])  # no --prediction: the init's, v
+                                    tmp_path / "txt", "--captions", "rich", *common])  # no --prediction: the init's
     assert rc == 0, err
-    assert prediction_of(read_config(latest_checkpoint(tmp_path / "txt"))) == "v"
+    config = read_config(latest_checkpoint(tmp_path / "txt"))
+    assert prediction_of(config) == "v"
+    assert config["text_condition"]["captions"] == config["captions"] == "attributes-rich"
+    assert len(CaptionBank.load(tmp_path / "txt" / "captions.safetensors")) == \
+        len(split_captions(tiny_data().class_names, "train", "rich"))
     rc, _, err = run_cli_inprocess(["train", "--cond", "text", "--init", tmp_path / "cls", "--out",
                                     tmp_path / "eps", "--prediction", "eps", *common])
     assert rc == 2 and "predicts v: train from it with --prediction v" in err, err
@@ -329,9 +339,11 @@ def test_text_similarity_sweep_runs_on_the_same_prompts(tmp_path, fake_minilm):
     assert torch.allclose(seen[-1], want)  # every row steered to its own held-out prompt
 
 
-def test_text_encoder_aligned_with_attribute_captions(tmp_path):
+@pytest.mark.parametrize("captions", ["attributes", "attributes-rich"])
+def test_text_encoder_aligned_with_attribute_captions(tmp_path, captions):
     """train-encoder --kind text --captions attributes: the bank holds captions of (class, attributes)
-    combinations, each image's target is its own combination, and a prompt maps onto combinations."""
+    combinations, each image's target is its own combination, and a prompt maps onto combinations;
+    attributes-rich adds the rich vocabulary's captions of each combination to the bank."""
     from condiff.captions import attribute_combos, combo_captions
     from condiff.similarity import train_text_encoder
     from condiff.similarity.captions import caption_prior, centre, class_centroids
@@ -346,10 +358,12 @@ def test_text_encoder_aligned_with_attribute_captions(tmp_path):
     assert all(list(combos[int(c)][1]) == row for c, row in zip(coded.labels, got.tolist()))
     cfg = TrainConfig(steps=2, batch_size=16, lr=1e-3, warmup=1, ckpt_every=2, log_every=2)
     final = train_text_encoder(data, tmp_path / "enc", S, FakeText(), arch=dict(channels=[8], blocks=1, stem=1),
-                               dim=8, cfg=cfg, progress=False, captions="attributes")
+                               dim=8, cfg=cfg, progress=False, captions=captions)
     enc, config = load_encoder(final, "text")
-    texts, labels = combo_captions(NAMES)
-    assert config["caption_set"] == "attributes" and enc.captions == len(texts)
+    texts, labels = combo_captions(NAMES, "train", "rich" if captions == "attributes-rich" else "basic")
+    basic = combo_captions(NAMES)
+    assert texts[:len(basic[0])] == basic[0] and len(texts) == len(basic[0]) + (16 * 24 if "rich" in captions else 0)
+    assert config["caption_set"] == captions and enc.captions == len(texts)
     assert enc.caption_labels.tolist() == labels
     assert torch.allclose(enc.caption_bank, FakeText().encode(texts), atol=1e-6)
     # a prompt equal to a bank caption maps (at a low prior temperature) onto its own combination's direction

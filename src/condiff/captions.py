@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from .errors import CondiffError
 
-__all__ = ["ATTRIBUTES", "FOREGROUND", "NOT_APPLICABLE", "NOUNS", "WORDS", "TEMPLATES", "SPLITS", "Caption",
+__all__ = ["ATTRIBUTES", "FOREGROUND", "NOT_APPLICABLE", "NOUNS", "WORDS", "TEMPLATES", "SPLITS", "RICH_NOUNS",
+           "RICH_WORDS", "RICH_TEMPLATES", "VOCABULARIES", "RICH_PER_PATTERN", "RICH_PER_COMBO", "Caption",
            "attribute_values", "AttributeRule", "applicable", "attribute_codes", "decode_codes", "make_caption",
            "split_captions", "caption_table", "heldout_prompts", "CaptionBank", "attribute_combos", "combo_labels",
            "combo_captions"]
@@ -90,6 +91,46 @@ WORDS = {
     "shape": {"train": (("slim", "narrow"), ("wide", "broad")),
               "heldout": (("thin", "skinny"), ("loose", "baggy"))},
 }
+#: More training vocabulary (issue 20): further nouns, words and templates for the ``"rich"`` vocabulary, so that
+#: a caption projection learns a direction per attribute rather than two words.  None of them shares a word (split at
+#: hyphens, as MiniLM's tokenizer splits them) with the held-out split, which stays the same in both vocabularies.
+RICH_NOUNS = {
+    "T-shirt/top": ["crew-neck tee", "camisole", "vest top", "polo top", "tshirt", "short-sleeve tee"],
+    "Trouser": ["chinos", "leggings", "joggers", "sweatpants", "culottes", "pair of pants"],
+    "Pullover": ["knit sweater", "sweatshirt", "hoodie", "turtleneck", "wool jumper", "long-sleeved sweater"],
+    "Dress": ["maxi dress", "shift dress", "evening dress", "midi dress", "summer dress", "party dress"],
+    "Coat": ["trench coat", "anorak", "blazer", "windbreaker", "winter coat", "rain jacket"],
+    "Sandal": ["gladiator sandal", "thong sandal", "beach sandal", "slide sandal", "summer sandal", "strappy sandal"],
+    "Shirt": ["dress shirt", "flannel shirt", "oxford shirt", "tunic", "long-sleeved shirt", "work shirt"],
+    "Sneaker": ["tennis shoe", "sports shoe", "canvas shoe", "jogging shoe", "low-top sneaker", "basketball shoe"],
+    "Bag": ["shoulder bag", "clutch", "backpack", "messenger bag", "leather bag", "carrier bag"],
+    "Ankle boot": ["heeled boot", "combat boot", "desert boot", "leather boot", "winter boot", "lace-up boot"],
+}
+RICH_WORDS = {
+    "brightness": (("charcoal", "navy", "deep-toned", "shadowy", "dark grey", "midnight-blue", "inky", "murky",
+                    "sombre", "dusky", "ebony", "coal-coloured"),
+                   ("bright", "cream", "ivory", "pastel", "light grey", "beige", "faded", "luminous", "milky",
+                    "bleached", "silvery", "chalky")),
+    "texture": (("unpatterned", "smooth", "single-colour", "uniform", "minimalist", "bare", "clean", "flat",
+                 "featureless", "unembellished", "monochrome", "basic", "understated", "block-coloured"),
+                ("striped", "checked", "embroidered", "ornate", "busy", "detailed", "graphic", "floral", "speckled",
+                 "mottled", "dotted", "plaid", "knitted", "paisley")),
+    "shape": (("slender", "fitted", "tight", "tight-fitting", "lean", "close-fitting", "svelte", "compact",
+               "streamlined", "trim", "form-fitting", "petite", "tapered", "skin-tight"),
+              ("oversized", "roomy", "boxy", "flared", "voluminous", "relaxed", "full", "ample", "chunky", "bulky",
+               "generous", "billowy", "spacious", "big")),
+}
+RICH_TEMPLATES = ["a picture of {np}", "a product photo of {np}", "a sketch of {np}", "{np}, front view",
+                  "this is {np}", "a close-up of {np}", "{bare} which is {adjs}", "a small photo of {np}",
+                  "a studio photo of {np}"]
+#: Training vocabularies: ``basic`` (NOUNS, WORDS, TEMPLATES' train split, every caption enumerated) and ``rich``
+#: (``basic``'s captions plus :data:`RICH_PER_PATTERN` sampled captions per class and attribute pattern over the
+#: union with the RICH_* lists, seeded).
+VOCABULARIES = ("basic", "rich")
+RICH_PER_PATTERN = 48
+#: Rich captions per (class, attributes) combination added to the caption bank of :func:`combo_captions`.
+RICH_PER_COMBO = 24
+_PLURAL = {"pants", "trousers", "jeans", "slacks", "chinos", "leggings", "joggers", "sweatpants", "culottes"}
 _PRENOMINAL = ("shape", "brightness", "texture")  # English adjective order: size/shape, colour, pattern
 
 # split -> templates; {np}: article + adjectives + noun; {bare}: article + noun; {adjs}: "dark and patterned".
@@ -248,11 +289,19 @@ def _nouns(name: str, split: str) -> list[tuple[str, str]]:
     return NOUNS[name][split]
 
 
-def split_captions(class_names: Sequence[str], split: str = "train") -> list[Caption]:
+def split_captions(class_names: Sequence[str], split: str = "train", vocabulary: str = "basic") -> list[Caption]:
     """Every caption of a split: each noun x template x (per applicable attribute: unmentioned, or either
-    value with either word); no repeats.  Deterministic order."""
+    value with either word); no repeats.  Deterministic order.
+
+    ``vocabulary="rich"`` (training split only) adds :data:`RICH_PER_PATTERN` captions per class and attribute
+    pattern (each attribute unmentioned, 0 or 1), drawn with a fixed seed from the basic and the RICH_* nouns,
+    words and templates together (:data:`VOCABULARIES`); the basic captions come first, unchanged."""
     if split not in SPLITS:
         raise CondiffError(f"caption split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if vocabulary not in VOCABULARIES:
+        raise CondiffError(f"caption vocabulary must be one of {', '.join(VOCABULARIES)}, got {vocabulary!r}")
+    if vocabulary == "rich" and split != "train":
+        raise CondiffError("the rich vocabulary is a training vocabulary: the held-out split has one")
     out, seen = [], set()
     for k, name in enumerate(class_names):
         usable = [a for a in ATTRIBUTES if a not in NOT_APPLICABLE.get(name, ())]
@@ -269,6 +318,29 @@ def split_captions(class_names: Sequence[str], split: str = "train") -> list[Cap
                     if text not in seen:
                         seen.add(text)
                         out.append(Caption(text, k, attrs))
+    if vocabulary == "rich":
+        out += [c for c in _rich_captions(class_names) if c.text not in seen and not seen.add(c.text)]
+    return out
+
+
+def _rich_captions(class_names: Sequence[str]) -> list[Caption]:
+    import random
+
+    rng = random.Random(20)  # the vocabulary's seed: a fixed caption set, so its embeddings cache by caption
+    words = {a: [WORDS[a]["train"][v] + RICH_WORDS[a][v] for v in (0, 1)] for a in ATTRIBUTES}
+    templates = TEMPLATES["train"] + RICH_TEMPLATES
+    out = []
+    for k, name in enumerate(class_names):
+        nouns = _nouns(name, "train") + [("" if n in _PLURAL else "a", n) for n in RICH_NOUNS.get(name, [])]
+        usable = [a for a in ATTRIBUTES if a not in NOT_APPLICABLE.get(name, ())]
+        for pattern in itertools.product((None, 0, 1), repeat=len(usable)):
+            stated = {a: v for a, v in zip(usable, pattern) if v is not None}
+            attrs = tuple(stated.get(a, -1) for a in ATTRIBUTES)
+            usable_templates = [t for t in templates if stated or "{adjs}" not in t]
+            for _ in range(RICH_PER_PATTERN):
+                article, noun = rng.choice(nouns)
+                chosen = {a: rng.choice(words[a][v]) for a, v in stated.items()}
+                out.append(Caption(make_caption(article, noun, chosen, rng.choice(usable_templates)), k, attrs))
     return out
 
 
@@ -307,9 +379,13 @@ def combo_labels(labels: torch.Tensor, attrs: torch.Tensor, class_names: Sequenc
                          for k, row in zip(torch.as_tensor(labels).tolist(), torch.as_tensor(attrs).tolist())])
 
 
-def combo_captions(class_names: Sequence[str], split: str = "train") -> tuple[list[str], list[int]]:
+def combo_captions(class_names: Sequence[str], split: str = "train",
+                   vocabulary: str = "basic") -> tuple[list[str], list[int]]:
     """Captions stating a class and all its applicable attributes, and their :func:`attribute_combos` index:
-    every noun x every word choice of the split, in its first template (a compact caption bank to store)."""
+    every noun x every word choice of the split, in its first template (a compact caption bank to store).
+
+    ``vocabulary="rich"`` adds the first :data:`RICH_PER_COMBO` rich training captions (:func:`split_captions`) that
+    state each combination in full."""
     texts, labels = [], []
     for i, (k, attrs) in enumerate(attribute_combos(class_names)):
         stated = [(a, v) for a, v in zip(ATTRIBUTES, attrs) if v >= 0]
@@ -318,6 +394,16 @@ def combo_captions(class_names: Sequence[str], split: str = "train") -> tuple[li
                 words = {a: WORDS[a][split][v][c] for (a, v), c in zip(stated, choice)}
                 texts.append(make_caption(article, noun, words, TEMPLATES[split][0]))
                 labels.append(i)
+    if vocabulary != "basic":
+        index, ok = {c: i for i, c in enumerate(attribute_combos(class_names))}, applicable(class_names)
+        seen, per = set(texts), [0] * len(index)
+        for c in split_captions(class_names, split, vocabulary)[len(split_captions(class_names, split)):]:
+            full = all((v >= 0) == bool(ok[c.label, a]) for a, v in enumerate(c.attrs))
+            if full and c.text not in seen and per[index[(c.label, c.attrs)]] < RICH_PER_COMBO:
+                seen.add(c.text)
+                per[index[(c.label, c.attrs)]] += 1
+                texts.append(c.text)
+                labels.append(index[(c.label, c.attrs)])
     return texts, labels
 
 

@@ -264,7 +264,7 @@ def _caption_training(args, data, names, schedule, meta, model, out: Path, main:
 
     from .captions import split_captions
 
-    caps = split_captions(names, "train")  # classes without caption nouns fail here, before any work
+    caps = split_captions(names, "train", args.captions)  # classes without caption nouns fail here, before any work
     if args.init:
         from .checkpoints import read_config, resolve_checkpoint
         from .prediction import prediction_of
@@ -280,9 +280,9 @@ def _caption_training(args, data, names, schedule, meta, model, out: Path, main:
     coded, rule = caption_dataset(data)
     encoder = load_text_encoder("cpu")  # a missing extra fails here
     task, bank = build_caption_task(schedule, names, encoder, cache=out / "captions.safetensors" if main else None,
-                                    p_uncond=args.p_uncond, min_snr_gamma=args.min_snr_gamma,
+                                    vocabulary=args.captions, p_uncond=args.p_uncond, min_snr_gamma=args.min_snr_gamma,
                                     t_sampling=args.t_sampling, prediction=args.prediction)
-    meta[TEXT_KEY] = text_condition_meta(rule, encoder.name, encoder.dim)
+    meta[TEXT_KEY] = text_condition_meta(rule, encoder.name, encoder.dim, args.captions)
     if args.init:
         init_from_class_model(model, args.init, bank, [c.label for c in caps])
         meta["init"] = str(resolve_checkpoint(args.init))
@@ -574,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "condiff sample --prompt; or unconditional")
     p.add_argument("--p-uncond", type=nonneg_float, default=0.1,
                    help="probability of dropping the class or caption to the null phi (default 0.1)")
+    p.add_argument("--captions", choices=["basic", "rich"], default="basic",
+                   help="--cond text: the training caption vocabulary (condiff.captions): basic (default; 3 nouns per "
+                        "class, 2 words per attribute value, 4 templates: 10,788 captions) or rich (basic's plus "
+                        "6 nouns, 12-14 words and 9 templates more: 20,654; it followed attributes less, "
+                        "docs/text-to-image.md); the held-out prompts are the same for both")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="--cond text: start from this class-conditional eps-model (same network but the condition): "
                         "every weight copied, the null embedding from its null class, the caption projection "

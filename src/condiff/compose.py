@@ -76,9 +76,10 @@ DEFAULT_SCALES = {"cfg": 0.5, "classifier": 16.0, "text": 100.0, "image": 100.0,
 #: The useful range of each scale in words, as measured (docs/results.md): shown by ``--help``.
 SCALE_RANGES = {
     "cfg": "typical 0.5-1: judge accuracy 0.87 at w=0, 0.96 at 0.5, 0.97 at 0.75, 0.98 at 1, 0.995 at 2, but "
-           "FID_fm is lowest at 0.5 (5.4) and more than triples by 2 (18.6) as diversity falls",
-    "classifier": "typical 16-32: judge accuracy 0.09 at 0, 0.81 at 4, 0.90 at 16, 0.91 at 32 (DDIM eta 0; "
-                  "0.96 at 16 with eta 1), where it saturates while recall keeps falling",
+           "FID_fm is lowest at 0.5 (5.4 with DDIM-25, 2.9 with the default solver) and more than triples by 2 "
+           "as diversity falls",
+    "classifier": "typical 16-64: judge accuracy 0.09 at 0, 0.83 at 4, 0.92 at 16, 0.93 at 32, 0.94 at 64 (DDIM "
+                  "eta 0; 0.96 at 16 and 0.97 at 32 with the default solver), while recall keeps falling",
     "text": "typical 100: judge accuracy 0.97 at 100 on class prompts, 0.86 on paraphrases never seen in "
             "training; 300 was no better with an earlier release (worse FID_fm and recall)",
     "image": "typical 30-100: judge accuracy 0.90 at 30, 0.94 at 100; 30 keeps more diversity (FID_fm 19.7 vs 21.1)",

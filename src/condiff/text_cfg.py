@@ -42,14 +42,16 @@ __all__ = ["TEXT_KEY", "CAPTION_SETS", "text_condition_meta", "is_text_condition
            "prompt_condition", "sample_prompts"]
 
 TEXT_KEY = "text_condition"
-CAPTION_SETS = ("attributes",)
+#: caption vocabulary (:data:`condiff.captions.VOCABULARIES`) -> the name a config stores for its caption set
+CAPTION_SETS = {"basic": "attributes", "rich": "attributes-rich"}
 
 
-def text_condition_meta(rule: AttributeRule, encoder: str | None = None, dim: int | None = None) -> dict:
+def text_condition_meta(rule: AttributeRule, encoder: str | None = None, dim: int | None = None,
+                        vocabulary: str = "basic") -> dict:
     """The config entry of a text-conditional model (:data:`TEXT_KEY`)."""
     from .similarity.text import TEXT_DIM, TEXT_MODEL
 
-    return {"encoder": encoder or TEXT_MODEL, "dim": int(dim or TEXT_DIM), "captions": "attributes",
+    return {"encoder": encoder or TEXT_MODEL, "dim": int(dim or TEXT_DIM), "captions": CAPTION_SETS[vocabulary],
             "rule": rule.config()}
 
 
@@ -89,14 +91,15 @@ class CaptionDiffusionTask(DiffusionTask):
 
     def __init__(self, schedule: Schedule, embeddings: torch.Tensor, table: torch.Tensor, counts: torch.Tensor,
                  p_uncond: float = 0.1, min_snr_gamma: float | None = None, t_sampling: str = "uniform",
-                 prediction: str = "eps"):
+                 prediction: str = "eps", vocabulary: str = "basic"):
         super().__init__(schedule, p_uncond, min_snr_gamma, t_sampling, prediction)
         self.embeddings, self.table, self.counts = embeddings.float(), table.long(), counts.long()
+        self.vocabulary = vocabulary
         if bool((self.counts < 1).any()):
             raise CondiffError("every (class, attributes) code needs at least one caption")
 
     def config(self) -> dict:
-        return dict(super().config(), captions="attributes")
+        return dict(super().config(), captions=CAPTION_SETS[self.vocabulary])
 
     def captions_for(self, codes: torch.Tensor, generator: torch.Generator, shard: Shard = Shard()) -> torch.Tensor:
         """(B,) caption indices: for each row, one caption of its code's row of the table, uniformly."""
@@ -110,12 +113,14 @@ class CaptionDiffusionTask(DiffusionTask):
         return super().loss(model, x0, emb, generator, shard)
 
 
-def build_caption_task(schedule: Schedule, class_names: Sequence[str], encoder, cache=None, **kwargs):
-    """(task, bank): the training captions of ``class_names`` embedded once by ``encoder`` (cached at ``cache``)."""
-    caps = split_captions(class_names, "train")
+def build_caption_task(schedule: Schedule, class_names: Sequence[str], encoder, cache=None, vocabulary: str = "basic",
+                       **kwargs):
+    """(task, bank): the training captions of ``class_names`` in ``vocabulary`` (:func:`condiff.captions.split_captions`)
+    embedded once by ``encoder`` (cached at ``cache``)."""
+    caps = split_captions(class_names, "train", vocabulary)
     bank = CaptionBank.build([c.text for c in caps], encoder, cache)
     table, counts = caption_table(caps, len(class_names))
-    return CaptionDiffusionTask(schedule, bank.embeddings, table, counts, **kwargs), bank
+    return CaptionDiffusionTask(schedule, bank.embeddings, table, counts, vocabulary=vocabulary, **kwargs), bank
 
 
 def init_from_class_model(model, ckpt, bank: CaptionBank | None = None, labels: Sequence[int] | None = None,

@@ -52,10 +52,11 @@ def add_train_encoder_parser(sub, add_train_common, helpers) -> argparse.Argumen
                         f"added to the contrastive loss (default {DEFAULT_ALIGN:g}; 0 = contrastive only)")
     p.add_argument("--init", default=None,
                    help="text: initialise E1 from this image-encoder checkpoint (same --channels/--blocks/--dim)")
-    p.add_argument("--captions", choices=["classes", "attributes"], default="classes",
+    p.add_argument("--captions", choices=["classes", "attributes", "attributes-rich"], default="classes",
                    help="text: captions that name the class (default), or that state the class and its pixel "
                         "attributes (dark/light, plain/patterned, slim/wide; condiff.captions): each image is "
-                        "aligned with the captions of its own class and attributes, so --text steers attributes too")
+                        "aligned with the captions of its own class and attributes, so --text steers attributes too; "
+                        "attributes-rich: with many more nouns, words and templates (the rich training vocabulary)")
     p.set_defaults(func=cmd_train_encoder, helpers=helpers)
     return p
 
@@ -125,7 +126,7 @@ def cmd_train_encoder(args) -> int:
         score = lambda x, t: task.class_logits(enc(x, t, "text"))  # noqa: E731
         label = "held-out caption-retrieval accuracy by t-range"
     held_out = _held_out(args, data)
-    if args.kind == "text" and args.captions == "attributes":  # retrieval of the class and all its attributes
+    if args.kind == "text" and args.captions != "classes":  # retrieval of the class and all its attributes
         from ..captions import AttributeRule
         from .tasks import attribute_dataset
 

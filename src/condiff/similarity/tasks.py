@@ -265,7 +265,8 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
         init: an image-encoder checkpoint whose E1 initialises this E1 (same architecture).
         captions: "classes" (captions name the class) or "attributes": the captions state the class and its
             pixel attributes (:func:`attribute_dataset`), each image is aligned with the captions of its own
-            class and attributes, and the stored bank maps prompts onto (class, attributes) combinations.
+            class and attributes, and the stored bank maps prompts onto (class, attributes) combinations;
+            "attributes-rich": the same with the rich vocabulary's captions added (:data:`condiff.captions.VOCABULARIES`).
     """
     from ..checkpoints import load_model
 
@@ -276,12 +277,12 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
     if captions not in CAPTION_KINDS:
         raise CondiffError(f"captions must be one of {', '.join(CAPTION_KINDS)}, got {captions!r}")
     texts_labels = None
-    if captions == "attributes":
+    if captions != "classes":
         from ..captions import combo_captions
 
         data, rule = attribute_dataset(data)
-        texts_labels = combo_captions(data.class_names)
-        meta = dict(meta or {}, caption_set="attributes", attribute_rule=rule.config())
+        texts_labels = combo_captions(data.class_names, "train", "rich" if captions == "attributes-rich" else "basic")
+        meta = dict(meta or {}, caption_set=captions, attribute_rule=rule.config())
     torch.manual_seed(cfg.seed)  # the initial weights follow the seed, as in train()
     n_captions = len((texts_labels or training_captions(data.class_names))[1])
     enc = SimilarityEncoder(**_arch(data, arch), dim=dim, clean=False, text_dim=text_encoder.dim,
@@ -305,7 +306,7 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
         raise
 
 
-CAPTION_KINDS = ("classes", "attributes")
+CAPTION_KINDS = ("classes", "attributes", "attributes-rich")
 
 
 def attribute_dataset(data: ImageDataset, rule=None):
