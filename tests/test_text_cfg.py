@@ -219,6 +219,9 @@ def test_cli_train_text_with_init_then_sample_prompt(tmp_path, fake_minilm):
         assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
     rc, _, err = run_cli_inprocess(["train", "--init", tmp_path / "cls", "--out", tmp_path / "bad", *common])
     assert rc == 2 and "--init applies to --cond text" in err
+    rc, _, err = run_cli_inprocess(["train", "--captions", "rich", "--out", tmp_path / "bad", *common])
+    assert rc == 2 and "--captions applies to --cond text" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_text_model_predicts_what_its_init_predicts(tmp_path, fake_minilm):

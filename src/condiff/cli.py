@@ -213,6 +213,9 @@ def cmd_train(args) -> int:
     num_classes = data.num_classes if args.cond == "class" else None
     if args.init and args.cond != "text":
         raise CondiffError("--init applies to --cond text (a class model's weights as the starting point)")
+    if args.captions is not None and args.cond != "text":
+        raise CondiffError("--captions applies to --cond text (the caption vocabulary of a text-conditional model)")
+    args.captions = args.captions or "basic"
     if args.prediction is None and not args.init:
         args.prediction = "eps"
     text = args.cond == "text"
@@ -574,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "condiff sample --prompt; or unconditional")
     p.add_argument("--p-uncond", type=nonneg_float, default=0.1,
                    help="probability of dropping the class or caption to the null phi (default 0.1)")
-    p.add_argument("--captions", choices=["basic", "rich"], default="basic",
+    p.add_argument("--captions", choices=["basic", "rich"], default=None,
                    help="--cond text: the training caption vocabulary (condiff.captions): basic (default; 3 nouns per "
                         "class, 2 words per attribute value, 4 templates: 10,788 captions) or rich (basic's plus "
                         "6 nouns, 12-14 words and 9 templates more: 20,654; it followed attributes less, "
