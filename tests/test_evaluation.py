@@ -18,7 +18,7 @@ from condiff.nets import EncoderNet, JudgeNet, UNet
 from condiff.pipeline import generate, load_diffusion
 from condiff.schedule import cosine_schedule
 from condiff.compose import Sampling
-from condiff.sweep import METHODS, SweepContext, run_sweep, sweep_labels
+from condiff.sweep import METHODS, SweepContext, run_sweep, sweep_labels, weights_digest
 from condiff.training import ClassifierTask, DiffusionTask, TrainConfig, train
 from helpers import assert_one_line_error, run_cli, shapes_dataset, write_npz
 
@@ -174,6 +174,43 @@ def test_sweep_writes_every_promised_file_with_the_right_contents(tiny, tmp_path
     assert again["rows"][0]["fid_fm"] == pytest.approx(result["rows"][2]["fid_fm"])
     run_sweep(ctx, "cfg", [3], 12, out, _evaluator(tiny), sampling=Sampling(steps=4), batch_size=5, seed=4)
     assert (out / "samples-scale-3.npz").stat().st_mtime_ns != before
+
+
+def test_sweep_samples_again_when_the_weights_at_the_same_path_change(tiny, tmp_path):
+    """The sample cache is keyed by the weights' digest as well as the settings: a re-export or retrained run at the
+    same path is sampled again; a cache from before digests (settings only) is reused once and pinned."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from condiff.checkpoints import latest_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(latest_checkpoint(tiny / "model"), ckpt)
+    model, schedule, _ = load_diffusion(ckpt)
+    ctx = SweepContext(model, schedule, (1, 8, 8), NAMES, "cpu", {})
+    out, npz = tmp_path / "sweep", tmp_path / "sweep" / "samples-scale-1.npz"
+
+    def sweep():
+        run_sweep(ctx, "cfg", [1], 12, out, _evaluator(tiny), sampling=Sampling(steps=3), batch_size=6, source=str(ckpt))
+        with np.load(npz) as z:
+            return json.loads(str(z["meta"])), z["images"].copy(), npz.stat().st_mtime_ns
+
+    meta, images, t0 = sweep()
+    assert set(meta["weights"]) == {str(ckpt)} and len(meta["weights"][str(ckpt)]) == 64
+    assert sweep()[2] == t0  # same weights: reused
+    weights = load_file(ckpt / "model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, ckpt / "model.safetensors")
+    meta2, _, t1 = sweep()  # new weights at the same path: sampled again
+    assert t1 != t0 and meta2["weights"] != meta["weights"]
+    # a cache written before digests: the same settings without "weights" are trusted once, then pinned
+    legacy = {k: v for k, v in meta2.items() if k != "weights"}
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez_compressed(npz, **dict(arrays, meta=np.array(json.dumps(legacy, sort_keys=True))))
+    meta3, images3, _ = sweep()
+    assert meta3 == meta2 and np.array_equal(images3, arrays["images"])
+    assert weights_digest(["", str(tmp_path / "missing"), str(ckpt)]) == {str(ckpt): meta2["weights"][str(ckpt)]}
 
 
 def test_sweep_methods_are_pluggable_and_classifier_gamma_zero_is_unguided(tiny, tmp_path, monkeypatch):

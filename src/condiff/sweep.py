@@ -8,7 +8,8 @@ reference sets (:class:`~condiff.evaluation.Evaluator`), and writes
     results.json, results.csv, results.md   one row per scale plus the real-data floor
     sweep.png                               judge accuracy and FID_fm against scale; precision against recall
     grid-scale-S.png                        up to 10 samples per class, one row per class
-    samples-scale-S.npz                     the samples (uint8), labels, settings; reused when settings match
+    samples-scale-S.npz                     the samples (uint8), labels, settings; reused when the settings
+                                            and the weights (their digest) match
 
 Guidance families are entries of :data:`METHODS`: a function
 ``builder(ctx, scale, labels) -> (guidance, cond)`` that, for the target classes
@@ -50,7 +51,7 @@ from .plots import Panel, Series, save_panels
 from .schedule import Schedule
 
 __all__ = ["SweepContext", "METHODS", "get_method", "check_options", "sweep_labels", "sample_at_scale", "run_sweep",
-           "write_tables", "sweep_checkpoint"]
+           "weights_digest", "write_tables", "sweep_checkpoint"]
 
 #: The scales a sweep visits when none are given: those of docs/results.md, around each method's default.
 SWEEP_SCALES = {"cfg": [0.0, 1.0, 2.0, 4.0], "classifier": [0.0, 4.0, 16.0, 32.0], "text": [0.0, 100.0, 300.0],
@@ -224,17 +225,45 @@ def _tag(scale: float) -> str:
     return f"{scale:g}"
 
 
-def _load_cached(path: Path, meta: str):
+def weights_digest(paths) -> dict:
+    """{path: sha256 of its weights file} for each of ``paths`` that is a checkpoint: part of the key of a sweep's
+    cached samples, so that new weights at the same path (a re-export, a retrained run) are sampled again."""
+    import hashlib
+
+    from .checkpoints import resolve_checkpoint
+
+    out = {}
+    for p in paths:
+        if not p or not Path(str(p)).exists():
+            continue
+        try:
+            folder = resolve_checkpoint(p)
+        except CondiffError:
+            continue
+        f = folder / "model.safetensors" if folder.is_dir() else folder
+        if f.is_file():
+            out[str(p)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def _load_cached(path: Path, meta: str, legacy: str | None = None):
+    """(images, seconds) of a sample cache written with ``meta``; or with ``legacy`` (the same settings keyed by path
+    alone, as sweeps before weights_digest wrote them: trusted once, and pinned to ``meta`` here); else None."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "meta" not in z or str(z["meta"]) != meta:
+            stored = str(z["meta"]) if "meta" in z else None
+            if stored != meta and (legacy is None or stored != legacy):
                 return None
-            return torch.from_numpy(z["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0), \
+            x, seconds = torch.from_numpy(z["images"]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0), \
                 float(z["seconds"])
+            labels, names = z["labels"], z["class_names"]
     except NPZ_READ_ERRORS:  # a damaged cache is sampled again
         return None
+    if stored != meta:
+        save_npz(path, x, labels, meta=np.array(meta), seconds=np.array(seconds), class_names=names)
+    return x, seconds
 
 
 def _grid_indices(labels: torch.Tensor, classes: list[int], per_class: int = 10) -> tuple[torch.Tensor, int]:
@@ -285,12 +314,14 @@ def run_sweep(ctx: SweepContext, method: str, scales: list[float], n: int, out_d
                 "model": source, "options": {k: str(v) for k, v in sorted(ctx.options.items())}}
     if sampling.spacing != "linspace" or sampling.threshold is not None or set(sampling.options) - {"eta"}:
         settings["sampling"] = sampling.config()  # keys the cache too; absent for the settings of earlier sweeps
+    weights = weights_digest([source, *ctx.options.values()])
     rows = []
     for scale in scales:
         tag = _tag(scale)
-        meta = json.dumps(dict(settings, scale=scale), sort_keys=True)
+        legacy = json.dumps(dict(settings, scale=scale), sort_keys=True)
+        meta = json.dumps(dict(settings, scale=scale, weights=weights), sort_keys=True) if weights else legacy
         npz = out / f"samples-scale-{tag}.npz"
-        cached = _load_cached(npz, meta)
+        cached = _load_cached(npz, meta, legacy)
         if cached is not None:
             x, seconds = cached
         else:
