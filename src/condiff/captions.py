@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .errors import CondiffError
 
 __all__ = ["ATTRIBUTES", "FOREGROUND", "NOT_APPLICABLE", "NOUNS", "WORDS", "TEMPLATES", "SPLITS", "RICH_NOUNS",
-           "RICH_WORDS", "RICH_TEMPLATES", "VOCABULARIES", "RICH_PER_PATTERN", "RICH_PER_COMBO", "Caption",
+           "RICH_WORDS", "RICH_TEMPLATES", "VOCABULARIES", "CAPTION_SETS", "RICH_PER_PATTERN", "RICH_PER_COMBO", "Caption",
            "attribute_values", "AttributeRule", "applicable", "attribute_codes", "decode_codes", "make_caption",
            "split_captions", "caption_table", "heldout_prompts", "CaptionBank", "attribute_combos", "combo_labels",
            "combo_captions"]
@@ -127,6 +127,8 @@ RICH_TEMPLATES = ["a picture of {np}", "a product photo of {np}", "a sketch of {
 #: (``basic``'s captions plus :data:`RICH_PER_PATTERN` sampled captions per class and attribute pattern over the
 #: union with the RICH_* lists, seeded).
 VOCABULARIES = ("basic", "rich")
+#: vocabulary -> the caption-set name a model's config stores ("captions" of a text model, "caption_set" of an encoder)
+CAPTION_SETS = {"basic": "attributes", "rich": "attributes-rich"}
 RICH_PER_PATTERN = 48
 #: Rich captions per (class, attributes) combination added to the caption bank of :func:`combo_captions`.
 RICH_PER_COMBO = 24

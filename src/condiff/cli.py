@@ -577,7 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "condiff sample --prompt; or unconditional")
     p.add_argument("--p-uncond", type=nonneg_float, default=0.1,
                    help="probability of dropping the class or caption to the null phi (default 0.1)")
-    p.add_argument("--captions", choices=["basic", "rich"], default=None,
+    from .captions import VOCABULARIES
+
+    p.add_argument("--captions", choices=list(VOCABULARIES), default=None,
                    help="--cond text: the training caption vocabulary (condiff.captions): basic (default; 3 nouns per "
                         "class, 2 words per attribute value, 4 templates: 10,788 captions) or rich (basic's plus "
                         "6 nouns, 12-14 words and 9 templates more: 20,654; it followed attributes less, "

@@ -228,9 +228,8 @@ def _tag(scale: float) -> str:
 def weights_digest(paths) -> dict:
     """{path: sha256 of its weights file} for each of ``paths`` that is a checkpoint: part of the key of a sweep's
     cached samples, so that new weights at the same path (a re-export, a retrained run) are sampled again."""
-    import hashlib
-
     from .checkpoints import resolve_checkpoint
+    from .integrity import sha256_file
 
     out = {}
     for p in paths:
@@ -242,7 +241,7 @@ def weights_digest(paths) -> dict:
             continue
         f = folder / "model.safetensors" if folder.is_dir() else folder
         if f.is_file():
-            out[str(p)] = hashlib.sha256(f.read_bytes()).hexdigest()
+            out[str(p)] = sha256_file(f)
     return out
 
 

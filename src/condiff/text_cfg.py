@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .captions import AttributeRule, CaptionBank, attribute_codes, caption_table, split_captions
+from .captions import CAPTION_SETS, AttributeRule, CaptionBank, attribute_codes, caption_table, split_captions
 from .data import ImageDataset
 from .distributed import Shard
 from .errors import CondiffError
@@ -42,8 +42,6 @@ __all__ = ["TEXT_KEY", "CAPTION_SETS", "text_condition_meta", "is_text_condition
            "prompt_condition", "sample_prompts"]
 
 TEXT_KEY = "text_condition"
-#: caption vocabulary (:data:`condiff.captions.VOCABULARIES`) -> the name a config stores for its caption set
-CAPTION_SETS = {"basic": "attributes", "rich": "attributes-rich"}
 
 
 def text_condition_meta(rule: AttributeRule, encoder: str | None = None, dim: int | None = None,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import CondiffError
 from ..validation import float_range, int_range, nonneg_float
-from .tasks import DEFAULT_ALIGN
+from .tasks import CAPTION_KINDS, DEFAULT_ALIGN
 from ..compose import DEFAULT_SCALES, SCALE_RANGES
 from .terms import DEFAULT_IMAGE_PRIOR, DEFAULT_TEXT_PRIOR
 
@@ -52,7 +52,7 @@ def add_train_encoder_parser(sub, add_train_common, helpers) -> argparse.Argumen
                         f"added to the contrastive loss (default {DEFAULT_ALIGN:g}; 0 = contrastive only)")
     p.add_argument("--init", default=None,
                    help="text: initialise E1 from this image-encoder checkpoint (same --channels/--blocks/--dim)")
-    p.add_argument("--captions", choices=["classes", "attributes", "attributes-rich"], default="classes",
+    p.add_argument("--captions", choices=list(CAPTION_KINDS), default="classes",
                    help="text: captions that name the class (default), or that state the class and its pixel "
                         "attributes (dark/light, plain/patterned, slim/wide; condiff.captions): each image is "
                         "aligned with the captions of its own class and attributes, so --text steers attributes too; "

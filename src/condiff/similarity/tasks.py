@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..captions import CAPTION_SETS
 from ..checkpoints import atomic_write_text, load_checkpoint
 from ..data import ImageDataset
 from ..errors import CondiffError
@@ -280,8 +281,9 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
     if captions != "classes":
         from ..captions import combo_captions
 
+        vocabulary = next(v for v, name in CAPTION_SETS.items() if name == captions)
         data, rule = attribute_dataset(data)
-        texts_labels = combo_captions(data.class_names, "train", "rich" if captions == "attributes-rich" else "basic")
+        texts_labels = combo_captions(data.class_names, "train", vocabulary)
         meta = dict(meta or {}, caption_set=captions, attribute_rule=rule.config())
     torch.manual_seed(cfg.seed)  # the initial weights follow the seed, as in train()
     n_captions = len((texts_labels or training_captions(data.class_names))[1])
@@ -306,7 +308,7 @@ def train_text_encoder(data: ImageDataset, out: str | Path, schedule: Schedule, 
         raise
 
 
-CAPTION_KINDS = ("classes", "attributes", "attributes-rich")
+CAPTION_KINDS = ("classes", *CAPTION_SETS.values())
 
 
 def attribute_dataset(data: ImageDataset, rule=None):
